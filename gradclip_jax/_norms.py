@@ -1,0 +1,365 @@
+"""Robust norms of pytrees: global, per-leaf and unit-wise.
+
+Every norm here
+
+* accumulates in float32 at least (float64 for float64 leaves), so float16 and
+  bfloat16 gradients never overflow while being squared;
+* is overflow-safe: the common path squares once; only when that sum is not finite
+  (float32 entries beyond ~1e19) is it recomputed with every value divided by the
+  largest magnitude, inside a ``lax.cond`` so the common path pays nothing for it;
+* is zero-safe: a zero tree has norm 0 and a finite (zero) gradient;
+* treats complex leaves with ``|x|^2 = re^2 + im^2`` and skips ``None``, integer and
+  boolean leaves;
+* compiles in near-constant time in the number of leaves: small leaves are
+  concatenated into one reduction per accumulation dtype instead of one reduction
+  chain per leaf (the cost of optax's global norm on trees of thousands of leaves).
+
+NaN entries give a NaN norm and ``inf`` entries an infinite one: norms report, the
+guards module decides what to do about it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+__all__ = ["global_norm", "leaf_norms", "unitwise_norms", "unit_axes"]
+
+# Leaves with at most this many elements are concatenated into a shared reduction.
+# Concatenation makes compile time independent of the number of small leaves, but a
+# concatenate fusion is slower per element on CPU than a plain reduction, so large
+# leaves (which are few in any tree that fits in memory) keep their own reduction.
+SMALL_LEAF_SIZE = 4096
+
+_ORDS = (1, 2, math.inf)
+
+
+def is_tracer(value: Any) -> bool:
+    """True when ``value`` is an abstract value inside a JAX transformation."""
+    return isinstance(value, jax.core.Tracer)
+
+
+def float_leaves(tree: Any) -> list[jax.Array]:
+    """The inexact (floating or complex) array leaves of ``tree``, in tree order."""
+    return [x for x in jax.tree.leaves(tree) if is_inexact(x)]
+
+
+def is_inexact(x: Any) -> bool:
+    return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)
+
+
+def accumulation_dtype(dtype: Any) -> jnp.dtype:
+    """float32 for half / single precision (real or complex), float64 for double."""
+    real = jnp.finfo(dtype).dtype
+    return jnp.promote_types(real, jnp.float32)
+
+
+def _magnitude_power(x: jax.Array, power: float, inv_scale: jax.Array | None = None):
+    """``(|x| * inv_scale) ** power`` element-wise in the accumulation dtype."""
+    acc = accumulation_dtype(x.dtype)
+    if power == math.inf or power == 1:
+        m = jnp.abs(x).astype(acc)
+        return m if inv_scale is None else m * inv_scale
+    parts = (x.real, x.imag) if jnp.iscomplexobj(x) else (x,)
+    total = None
+    for part in parts:
+        p = part.astype(acc)
+        if inv_scale is not None:
+            p = p * inv_scale
+        total = p * p if total is None else total + p * p
+    return total
+
+
+def _reduce_all(values: Sequence[jax.Array], combine: str) -> jax.Array:
+    """Reduces flat 1-D arrays of one dtype to a scalar with ``sum`` or ``max``."""
+    op = jnp.sum if combine == "sum" else jnp.max
+    small = [v for v in values if v.size <= SMALL_LEAF_SIZE]
+    large = [v for v in values if v.size > SMALL_LEAF_SIZE]
+    partials = [op(v) for v in large]
+    if small:
+        partials.append(op(jnp.concatenate(small) if len(small) > 1 else small[0]))
+    if len(partials) == 1:
+        return partials[0]
+    return op(jnp.stack(partials))
+
+
+def _tree_reduce(
+    leaves: Sequence[jax.Array],
+    elementwise: Callable[[jax.Array], jax.Array],
+    combine: str,
+) -> jax.Array:
+    """Applies ``elementwise`` to every leaf and reduces everything to one scalar."""
+    groups: dict[Any, list[jax.Array]] = {}
+    for x in leaves:
+        if x.size:
+            y = elementwise(x).reshape(-1)
+            groups.setdefault(y.dtype, []).append(y)
+    if not groups:
+        return jnp.zeros((), jnp.float32)
+    partials = [_reduce_all(vals, combine) for vals in groups.values()]
+    if len(partials) == 1:
+        return partials[0]
+    wide = jnp.result_type(*partials)
+    return _reduce_all([p.astype(wide).reshape(1) for p in partials], combine)
+
+
+def _root(total: jax.Array, power: float) -> jax.Array:
+    """``total ** (1/power)`` with a zero (not NaN or inf) derivative at zero."""
+    if power != 2:
+        return total
+    positive = total > 0
+    return jnp.where(positive, jnp.sqrt(jnp.where(positive, total, 1)), 0)
+
+
+def _collective(value: jax.Array, combine: str, axis_name: Any) -> jax.Array:
+    if axis_name is None:
+        return value
+    return lax.psum(value, axis_name) if combine == "sum" else lax.pmax(value, axis_name)
+
+
+def _safe_inverse(scale: jax.Array) -> jax.Array:
+    """``1 / scale`` where the scale is a positive finite number, else 1."""
+    ok = (scale > 0) & jnp.isfinite(scale)
+    return jnp.where(ok, 1 / jnp.where(ok, scale, 1), 1)
+
+
+def _finite_p_norm(leaves: Sequence[jax.Array], power: float, axis_name: Any) -> jax.Array:
+    """The ``power``-norm (1 or 2) of the leaves, rescaling only if the sum overflowed."""
+    total = _collective(
+        _tree_reduce(leaves, lambda x: _magnitude_power(x, power), "sum"), "sum", axis_name
+    )
+
+    def fast(total):
+        return _root(total, power)
+
+    def rescaled(total):
+        largest = _collective(_tree_reduce(leaves, jnp.abs, "max"), "max", axis_name)
+        largest = largest.astype(total.dtype)
+        inv = _safe_inverse(largest)
+        scaled = _tree_reduce(leaves, lambda x: _magnitude_power(x, power, inv), "sum")
+        scaled = _collective(scaled, "sum", axis_name)
+        norm = largest * _root(scaled, power)
+        # An infinite entry makes the scaled sum NaN; its norm is infinite.
+        return jnp.where(jnp.isinf(largest), largest, norm)
+
+    return lax.cond(jnp.isfinite(total), fast, rescaled, total)
+
+
+def check_ord(ord: Any, fn_name: str) -> None:
+    """Raises ``ValueError`` for a concrete ``ord`` outside {1, 2, inf}."""
+    if is_tracer(ord):
+        return
+    try:
+        ok = float(ord) in _ORDS
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(
+            f"{fn_name}: `ord` must be 1, 2 or math.inf (jnp.inf); got {ord!r}. "
+            "Other orders have no cheap overflow-safe form and are not supported."
+        )
+
+
+def dispatch_ord(ord: Any, compute: Callable[[float], jax.Array]) -> jax.Array:
+    """Calls ``compute(ord)`` with a static order, even when ``ord`` is traced.
+
+    ``optax.inject_hyperparams`` turns every numeric argument, ``ord`` included, into
+    a traced array. A traced order selects among the three static computations with
+    ``lax.switch``, so only the chosen one runs. Unsupported concrete orders are
+    rejected at construction by :func:`check_ord`.
+    """
+    if not is_tracer(ord):
+        return compute(float(ord) if float(ord) == math.inf else int(ord))
+    index = jnp.where(ord == 1, 0, jnp.where(ord == 2, 1, 2))
+    return lax.switch(index, [lambda: compute(1), lambda: compute(2), lambda: compute(math.inf)])
+
+
+def _global_norm_static(leaves: Sequence[jax.Array], ord: float, axis_name: Any) -> jax.Array:
+    if ord == math.inf:
+        return _collective(_tree_reduce(leaves, jnp.abs, "max"), "max", axis_name)
+    return _finite_p_norm(leaves, ord, axis_name)
+
+
+def global_norm(tree: Any, ord: int | float = 2, *, axis_name: Any = None) -> jax.Array:
+    """One norm over every inexact leaf of a pytree, computed robustly.
+
+    Args:
+      tree: a pytree of arrays. Integer, boolean and ``None`` leaves are skipped.
+      ord: 1, 2 (default) or ``math.inf``; the norm of the concatenation of all leaves.
+      axis_name: name of a mapped axis (``shard_map`` / ``pmap``) over which the tree
+        is split; partial sums are combined across it so every device gets the norm of
+        the whole. Leave it ``None`` under plain ``jax.jit``, sharded arrays included.
+
+    Returns:
+      A scalar in float32 (float64 if any leaf is float64).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import gradclip_jax
+      >>> tree = {"w": jnp.array([3.0, 0.0]), "b": jnp.array([4.0])}
+      >>> print(f"{gradclip_jax.global_norm(tree):.1f}")
+      5.0
+      >>> big = jnp.full((4,), 1e30, jnp.float32)  # squares overflow float32
+      >>> print(f"{gradclip_jax.global_norm(big):.3g}")
+      2e+30
+      >>> print(gradclip_jax.global_norm(jnp.full((3,), 300.0, jnp.float16)).dtype)
+      float32
+    """
+    check_ord(ord, "global_norm")
+    leaves = float_leaves(tree)
+    return dispatch_ord(ord, lambda o: _global_norm_static(leaves, o, axis_name))
+
+
+def _leaf_norm_static(x: jax.Array, ord: float, inv_scale=None) -> jax.Array:
+    if ord == math.inf:
+        return jnp.max(_magnitude_power(x, 1, inv_scale), initial=0)
+    return _root(jnp.sum(_magnitude_power(x, ord, inv_scale)), ord)
+
+
+def _leaf_norms_static(leaves: Sequence[jax.Array], ord: float) -> list[jax.Array]:
+    if ord == math.inf:
+        return [_leaf_norm_static(x, ord) for x in leaves]
+    sums = [jnp.sum(_magnitude_power(x, ord)) for x in leaves]
+    if not sums:
+        return []
+
+    def fast(sums):
+        return [_root(s, ord) for s in sums]
+
+    def rescaled(sums):
+        out = []
+        for x in leaves:
+            largest = jnp.max(jnp.abs(x), initial=0).astype(accumulation_dtype(x.dtype))
+            norm = largest * _leaf_norm_static(x, ord, _safe_inverse(largest))
+            out.append(jnp.where(jnp.isinf(largest), largest, norm))
+        return out
+
+    all_finite = jnp.all(jnp.stack([jnp.isfinite(s) for s in sums]))
+    return lax.cond(all_finite, fast, rescaled, sums)
+
+
+def leaf_norms(tree: Any, ord: int | float = 2) -> Any:
+    """The norm of each inexact leaf, as a tree of scalars (other leaves give ``None``).
+
+    Same numerics as :func:`global_norm`: float32 accumulation, overflow- and zero-safe.
+
+    Args:
+      tree: a pytree of arrays.
+      ord: 1, 2 (default) or ``math.inf``.
+
+    Returns:
+      A tree with the structure of ``tree`` whose inexact leaves are replaced by their
+      norm (float32, or float64 for float64 leaves) and other leaves by ``None``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import gradclip_jax
+      >>> norms = gradclip_jax.leaf_norms({"a": jnp.array([3.0, 4.0]), "b": jnp.ones(4)})
+      >>> print(f"{norms['a']:.1f} {norms['b']:.1f}")
+      5.0 2.0
+    """
+    check_ord(ord, "leaf_norms")
+    leaves, treedef = jax.tree.flatten(tree)
+    inexact = [x for x in leaves if is_inexact(x)]
+    norms = iter(dispatch_ord(ord, lambda o: _leaf_norms_static(inexact, o)))
+    return jax.tree.unflatten(treedef, [next(norms) if is_inexact(x) else None for x in leaves])
+
+
+def unit_axes(x: jax.Array, axis: int | tuple[int, ...] | None = None) -> tuple[int, ...]:
+    """The axes a unit-wise norm reduces over, following NFNets / optax conventions.
+
+    With ``axis=None`` the axes follow the rank, assuming Flax / Haiku layouts where the
+    output features come last (a Dense kernel is ``(in, out)``, a Conv kernel is
+    ``(H, W, in, out)``): a unit is one output feature's incoming weights.
+
+    * squeezed rank <= 1 (scalars, biases, gains): the whole array is one unit;
+    * rank 2 or 3 (Dense, multi-head Dense): axis 0;
+    * rank 4 (Conv2D HWIO): axes (0, 1, 2); rank 5 (Conv3D DHWIO): axes (0, 1, 2, 3).
+
+    PyTorch-style ``(out, in)`` kernels need an explicit ``axis``.
+    """
+    if axis is not None:
+        axes = (axis,) if isinstance(axis, int) else tuple(axis)
+        return tuple(a % x.ndim for a in axes) if x.ndim else ()
+    if sum(d != 1 for d in x.shape) <= 1:
+        return tuple(range(x.ndim))
+    if x.ndim in (2, 3):
+        return (0,)
+    if x.ndim in (4, 5):
+        return tuple(range(x.ndim - 1))
+    raise ValueError(
+        f"unit_axes: no default unit layout for an array of shape {x.shape}; "
+        "pass `axis` (the axes a unit's weights span, e.g. axis=(0, 1) )."
+    )
+
+
+def _unitwise_sum(x, axes, power, inv_scale=None):
+    return jnp.sum(_magnitude_power(x, power, inv_scale), axis=axes, keepdims=True)
+
+
+def unitwise_norms(tree: Any, axis: int | tuple[int, ...] | None = None) -> Any:
+    """The L2 norm of every unit of every inexact leaf, kept broadcastable to the leaf.
+
+    A leaf of shape ``(in, out)`` gives norms of shape ``(1, out)``: see
+    :func:`unit_axes` for the default axes. Overflow- and zero-safe like
+    :func:`global_norm`.
+
+    Args:
+      tree: a pytree of arrays (usually gradients or parameters).
+      axis: axes spanned by one unit, for every leaf of rank >= 2; ``None`` for the
+        defaults of :func:`unit_axes`.
+
+    Returns:
+      A tree of the same structure; non-inexact leaves give ``None``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import gradclip_jax
+      >>> kernel = jnp.array([[3.0, 0.0], [4.0, 1.0]])  # (in=2, out=2)
+      >>> print(gradclip_jax.unitwise_norms(kernel))
+      [[5. 1.]]
+    """
+    leaves, treedef = jax.tree.flatten(tree)
+    inexact = [x for x in leaves if is_inexact(x)]
+    axes = [unit_axes(x, axis) for x in inexact]
+    sums = [_unitwise_sum(x, a, 2) for x, a in zip(inexact, axes)]
+
+    def fast(sums):
+        return [_root(s, 2) for s in sums]
+
+    def rescaled(sums):
+        out = []
+        for x, a in zip(inexact, axes):
+            largest = jnp.max(jnp.abs(x), axis=a, keepdims=True, initial=0)
+            largest = largest.astype(accumulation_dtype(x.dtype))
+            norm = largest * _root(_unitwise_sum(x, a, 2, _safe_inverse(largest)), 2)
+            out.append(jnp.where(jnp.isinf(largest), largest, norm))
+        return out
+
+    if sums:
+        all_finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(s)) for s in sums]))
+        sums = lax.cond(all_finite, fast, rescaled, sums)
+    norms = iter(sums)
+    return jax.tree.unflatten(treedef, [next(norms) if is_inexact(x) else None for x in leaves])
+
+
+def combine_norms(norms: Sequence[jax.Array], ord: float = 2) -> jax.Array:
+    """The norm of a tree from the norms of its parts, without overflow."""
+    if not norms:
+        return jnp.zeros((), jnp.float32)
+    flat = jnp.concatenate([jnp.ravel(n) for n in norms]).astype(
+        jnp.result_type(*norms, jnp.float32)
+    )
+    largest = jnp.max(flat)
+    if ord == math.inf:
+        return largest
+    if ord == 1:
+        return jnp.sum(flat)
+    inv = _safe_inverse(largest)
+    norm = largest * _root(jnp.sum((flat * inv) ** 2), 2)
+    return jnp.where(jnp.isinf(largest), largest, norm)
