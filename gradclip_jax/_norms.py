@@ -16,6 +16,11 @@ Every norm here
 
 NaN entries give a NaN norm and ``inf`` entries an infinite one: norms report, the
 guards module decides what to do about it.
+
+Precision limit: float32 trees whose entries are all below ~1e-18 in magnitude have
+squares in the subnormal range (flushed to zero on CPU), so their L2 norm loses
+relative precision and may read 0. Such a tree never needs clipping unless the
+threshold is as small, so the common path does not pay a second pass to fix it.
 """
 
 from __future__ import annotations
@@ -75,6 +80,11 @@ def _magnitude_power(x: jax.Array, power: float, inv_scale: jax.Array | None = N
     return total
 
 
+def _magnitude(x: jax.Array) -> jax.Array:
+    """``|x|`` in the accumulation dtype."""
+    return _magnitude_power(x, 1)
+
+
 def _reduce_all(values: Sequence[jax.Array], combine: str) -> jax.Array:
     """Reduces flat 1-D arrays of one dtype to a scalar with ``sum`` or ``max``."""
     op = jnp.sum if combine == "sum" else jnp.max
@@ -109,11 +119,12 @@ def _tree_reduce(
 
 
 def _root(total: jax.Array, power: float) -> jax.Array:
-    """``total ** (1/power)`` with a zero (not NaN or inf) derivative at zero."""
+    """``total ** (1/power)`` with a finite derivative at zero; NaN stays NaN."""
     if power != 2:
         return total
     positive = total > 0
-    return jnp.where(positive, jnp.sqrt(jnp.where(positive, total, 1)), 0)
+    # Zero (and NaN) pass through unchanged: the derivative at zero stays finite.
+    return jnp.where(positive, jnp.sqrt(jnp.where(positive, total, 1)), total)
 
 
 def _collective(value: jax.Array, combine: str, axis_name: Any) -> jax.Array:
@@ -122,10 +133,25 @@ def _collective(value: jax.Array, combine: str, axis_name: Any) -> jax.Array:
     return lax.psum(value, axis_name) if combine == "sum" else lax.pmax(value, axis_name)
 
 
-def _safe_inverse(scale: jax.Array) -> jax.Array:
-    """``1 / scale`` where the scale is a positive finite number, else 1."""
-    ok = (scale > 0) & jnp.isfinite(scale)
-    return jnp.where(ok, 1 / jnp.where(ok, scale, 1), 1)
+def _rescaling(largest: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """A power of two ``2^k`` near ``largest`` and its exact inverse, for rescaling.
+
+    Dividing by ``largest`` itself is not safe: XLA turns the division into a
+    multiplication by ``1 / largest``, which is subnormal (flushed to zero on CPU)
+    above ~1e38. ``k`` is clamped to [0, maxexp - 28] (100 for float32): ``2^-100``
+    is a normal float32, and values below 2^128 shrink below 2^28, whose squares sum
+    safely. A
+    non-finite ``largest`` gives ``k = 0``, so ``inf`` and NaN entries propagate.
+
+    A norm does not depend on the factor it was rescaled by, so its derivative
+    through the factor is exactly zero: stopping the gradient there keeps the
+    derivative finite.
+    """
+    largest = lax.stop_gradient(largest)
+    _, exponent = jnp.frexp(jnp.where(jnp.isfinite(largest), largest, 1))
+    k = jnp.clip(exponent, 0, jnp.finfo(largest.dtype).maxexp - 28)
+    one = jnp.ones((), largest.dtype)
+    return jnp.ldexp(one, k), jnp.ldexp(one, -k)
 
 
 def _finite_p_norm(leaves: Sequence[jax.Array], power: float, axis_name: Any) -> jax.Array:
@@ -138,14 +164,10 @@ def _finite_p_norm(leaves: Sequence[jax.Array], power: float, axis_name: Any) ->
         return _root(total, power)
 
     def rescaled(total):
-        largest = _collective(_tree_reduce(leaves, jnp.abs, "max"), "max", axis_name)
-        largest = largest.astype(total.dtype)
-        inv = _safe_inverse(largest)
-        scaled = _tree_reduce(leaves, lambda x: _magnitude_power(x, power, inv), "sum")
-        scaled = _collective(scaled, "sum", axis_name)
-        norm = largest * _root(scaled, power)
-        # An infinite entry makes the scaled sum NaN; its norm is infinite.
-        return jnp.where(jnp.isinf(largest), largest, norm)
+        largest = _collective(_tree_reduce(leaves, _magnitude, "max"), "max", axis_name)
+        factor, inverse = _rescaling(largest.astype(total.dtype))
+        scaled = _tree_reduce(leaves, lambda x: _magnitude_power(x, power, inverse), "sum")
+        return factor * _root(_collective(scaled, "sum", axis_name), power)
 
     return lax.cond(jnp.isfinite(total), fast, rescaled, total)
 
@@ -181,7 +203,7 @@ def dispatch_ord(ord: Any, compute: Callable[[float], jax.Array]) -> jax.Array:
 
 def _global_norm_static(leaves: Sequence[jax.Array], ord: float, axis_name: Any) -> jax.Array:
     if ord == math.inf:
-        return _collective(_tree_reduce(leaves, jnp.abs, "max"), "max", axis_name)
+        return _collective(_tree_reduce(leaves, _magnitude, "max"), "max", axis_name)
     return _finite_p_norm(leaves, ord, axis_name)
 
 
@@ -235,8 +257,8 @@ def _leaf_norms_static(leaves: Sequence[jax.Array], ord: float) -> list[jax.Arra
         out = []
         for x in leaves:
             largest = jnp.max(jnp.abs(x), initial=0).astype(accumulation_dtype(x.dtype))
-            norm = largest * _leaf_norm_static(x, ord, _safe_inverse(largest))
-            out.append(jnp.where(jnp.isinf(largest), largest, norm))
+            factor, inverse = _rescaling(largest)
+            out.append(factor * _leaf_norm_static(x, ord, inverse))
         return out
 
     all_finite = jnp.all(jnp.stack([jnp.isfinite(s) for s in sums]))
@@ -336,9 +358,8 @@ def unitwise_norms(tree: Any, axis: int | tuple[int, ...] | None = None) -> Any:
         out = []
         for x, a in zip(inexact, axes):
             largest = jnp.max(jnp.abs(x), axis=a, keepdims=True, initial=0)
-            largest = largest.astype(accumulation_dtype(x.dtype))
-            norm = largest * _root(_unitwise_sum(x, a, 2, _safe_inverse(largest)), 2)
-            out.append(jnp.where(jnp.isinf(largest), largest, norm))
+            factor, inverse = _rescaling(largest.astype(accumulation_dtype(x.dtype)))
+            out.append(factor * _root(_unitwise_sum(x, a, 2, inverse), 2))
         return out
 
     if sums:
@@ -355,11 +376,9 @@ def combine_norms(norms: Sequence[jax.Array], ord: float = 2) -> jax.Array:
     flat = jnp.concatenate([jnp.ravel(n) for n in norms]).astype(
         jnp.result_type(*norms, jnp.float32)
     )
-    largest = jnp.max(flat)
     if ord == math.inf:
-        return largest
+        return jnp.max(flat)
     if ord == 1:
         return jnp.sum(flat)
-    inv = _safe_inverse(largest)
-    norm = largest * _root(jnp.sum((flat * inv) ** 2), 2)
-    return jnp.where(jnp.isinf(largest), largest, norm)
+    factor, inverse = _rescaling(jnp.max(flat))
+    return factor * _root(jnp.sum((flat * inverse) ** 2), 2)
