@@ -1,0 +1,162 @@
+"""Contracts every transformation keeps: chain, jit, inject_hyperparams, MultiSteps,
+masked, nnx.Optimizer, pickling, stable state, and ``stats()`` finding the records.
+
+New transformations join by adding a line to ``FACTORIES``.
+"""
+
+import pickle
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import gradclip_jax
+
+# name -> (factory, the threshold-like argument to inject and vary, two values of it)
+FACTORIES = {
+    "clip_by_value": (gradclip_jax.clip_by_value, "max_abs", (0.1, 10.0)),
+    "clip_by_global_norm": (gradclip_jax.clip_by_global_norm, "max_norm", (0.1, 10.0)),
+    "clip_by_leaf_norm": (gradclip_jax.clip_by_leaf_norm, "max_norm", (0.1, 10.0)),
+    "clip_by_block_rms": (gradclip_jax.clip_by_block_rms, "threshold", (0.1, 10.0)),
+    "agc": (gradclip_jax.agc, "clipping", (0.001, 10.0)),
+}
+
+PARAMS = {
+    "dense": {"kernel": jnp.ones((4, 3)), "bias": jnp.zeros(3)},
+    "scale": jnp.ones(()),
+}
+
+
+def _grads(step):
+    return jax.tree.map(lambda p: jnp.full(p.shape, 2.0 + step, p.dtype), PARAMS)
+
+
+def _run(tx, steps=3, params=PARAMS):
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    for step in range(steps):
+        updates, state = update(_grads(step), state, params)
+        params = optax.apply_updates(params, updates)
+    return params, state
+
+
+@pytest.mark.parametrize("name", FACTORIES)
+def test_chained_with_adam_under_jit(name):
+    factory, arg, (low, _) = FACTORIES[name]
+    tx = optax.chain(factory(**{arg: low}), optax.adam(1e-2))
+    params, state = _run(tx)
+    chex.assert_tree_all_finite(params)
+    logs = gradclip_jax.stats(state)
+    assert set(logs) == {
+        f"{name}/{field}"
+        for field in ("norm", "threshold", "clipped_norm", "clipped", "clip_count")
+    }
+    assert int(logs[f"{name}/clip_count"]) == 3
+    assert logs[f"{name}/clip_count"].dtype == jnp.int32
+
+
+@pytest.mark.parametrize("name", FACTORIES)
+def test_inject_hyperparams_threshold_changes_between_jitted_steps(name):
+    factory, arg, (low, high) = FACTORIES[name]
+    # The exact usage people copy from optax: every numeric default arrives traced.
+    tx = optax.inject_hyperparams(factory)(**{arg: low})
+    state = tx.init(PARAMS)
+    update = jax.jit(tx.update)
+    tight, state = update(_grads(0), state, PARAMS)
+    state.hyperparams[arg] = jnp.asarray(high)
+    loose, state = update(_grads(0), state, PARAMS)
+    assert gradclip_jax.global_norm(loose) > gradclip_jax.global_norm(tight)
+    logs = gradclip_jax.stats(state)
+    np.testing.assert_allclose(logs[f"{name}/threshold"], high, rtol=1e-6)
+    assert int(logs[f"{name}/clip_count"]) >= 1
+
+
+@pytest.mark.parametrize("name", FACTORIES)
+def test_inside_multisteps_state_is_stable(name):
+    factory, arg, (low, _) = FACTORIES[name]
+    tx = optax.MultiSteps(optax.chain(factory(**{arg: low}), optax.adam(1e-2)), every_k_schedule=2)
+    initial = tx.init(PARAMS)
+    _, state = _run(tx, steps=4)
+    chex.assert_trees_all_equal_shapes_and_dtypes(state, initial)
+    # Four mini-steps of two: the inner clipper ran twice.
+    assert int(gradclip_jax.stats(state)[f"{name}/clip_count"]) == 2
+
+
+@pytest.mark.parametrize("name", FACTORIES)
+def test_state_survives_pickle_and_keeps_shapes(name):
+    factory, arg, (low, _) = FACTORIES[name]
+    tx = factory(**{arg: low})
+    initial = tx.init(PARAMS)
+    _, state = _run(tx, steps=2)
+    chex.assert_trees_all_equal_shapes_and_dtypes(state, initial)
+    restored = pickle.loads(pickle.dumps(jax.device_get(state)))
+    chex.assert_trees_all_equal(restored, jax.device_get(state))
+    assert type(restored) is type(state)
+
+
+@pytest.mark.parametrize("name", FACTORIES)
+def test_keeps_dtypes_and_shapes(name):
+    factory, arg, (low, _) = FACTORIES[name]
+    params = {
+        "f32": jnp.ones((3, 2), jnp.float32),
+        "f16": jnp.ones((3, 2), jnp.float16),
+        "bf16": jnp.ones((2,), jnp.bfloat16),
+        "c64": jnp.ones((2, 2), jnp.complex64),
+    }
+    grads = jax.tree.map(lambda p: (p * 7).astype(p.dtype), params)
+    tx = factory(**{arg: low})
+    out, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+    chex.assert_trees_all_equal_shapes_and_dtypes(out, grads)
+
+
+def test_stats_found_in_masked_and_named_duplicates():
+    mask = {"dense": {"kernel": True, "bias": False}, "scale": False}
+    tx = optax.chain(
+        optax.masked(gradclip_jax.clip_by_global_norm(0.5), mask),
+        gradclip_jax.clip_by_global_norm(100.0),
+        optax.sgd(0.1),
+    )
+    _, state = _run(tx, steps=1)
+    logs = gradclip_jax.stats(state)
+    # Tree order: the masked one first, then the second of the same kind.
+    np.testing.assert_allclose(logs["clip_by_global_norm/threshold"], 0.5)
+    np.testing.assert_allclose(logs["clip_by_global_norm_1/threshold"], 100.0)
+    np.testing.assert_allclose(logs["clip_by_global_norm/norm"], 2.0 * np.sqrt(12), rtol=1e-6)
+
+
+def test_stats_empty_without_clipper():
+    state = optax.adam(1e-3).init(PARAMS)
+    assert gradclip_jax.stats(state) == {}
+
+
+def test_stats_found_in_nnx_optimizer():
+    nnx = pytest.importorskip("flax.nnx")
+
+    model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+    tx = optax.chain(gradclip_jax.clip_by_global_norm(1e-3), optax.adam(1e-3))
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+    @nnx.jit
+    def step(model, optimizer, x):
+        grads = nnx.grad(lambda m: jnp.sum(m(x) ** 2))(model)
+        optimizer.update(model, grads)
+
+    step(model, optimizer, jnp.ones((5, 3)))
+    logs = gradclip_jax.stats(optimizer.opt_state)
+    assert int(logs["clip_by_global_norm/clip_count"]) == 1
+    assert logs["clip_by_global_norm/norm"].shape == ()
+    assert float(logs["clip_by_global_norm/clipped_norm"]) == pytest.approx(1e-3, rel=1e-5)
+
+
+def test_owner_names():
+    from gradclip_jax._stats import owner_name
+
+    names = [
+        owner_name(gradclip_jax.ClipByBlockRMSState(None)),
+        owner_name(gradclip_jax.AGCState(None)),
+        owner_name(gradclip_jax.ClipByGlobalNormState(None)),
+    ]
+    assert names == ["clip_by_block_rms", "agc", "clip_by_global_norm"]
