@@ -7,6 +7,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from gradclip_jax._core import (
@@ -20,12 +21,13 @@ from gradclip_jax._core import (
 from gradclip_jax._norms import (
     accumulation_dtype,
     check_ord,
-    combine_norms,
     dispatch_ord,
-    float_leaves,
     global_norm,
     is_inexact,
-    leaf_norms,
+    leaf_sums,
+    norm_of_norms,
+    restore_norms,
+    stack_scalars,
 )
 from gradclip_jax._stats import ClipStats
 
@@ -164,20 +166,37 @@ def clip_by_global_norm(
     return stats_only_clipper(ClipByGlobalNormState, clip)
 
 
-def _clip_leaves(updates, norms, thresholds, ord):
-    """Scales each leaf by ``min(1, threshold / norm)``; returns updates and Measured."""
+def _clip_leaves(updates, ord, limit_for_size):
+    """Scales each leaf by ``min(1, limit / norm)``; returns updates and Measured.
+
+    ``limit_for_size(n)`` is the threshold of a leaf of ``n`` elements (it must also
+    accept an array of sizes). Each leaf's norm and scale feed only its own multiply,
+    so XLA fuses them into one kernel per leaf; the statistics are recomputed on
+    stacked vectors, a few kernels whatever the number of leaves.
+    """
     leaves, treedef = jax.tree.flatten(updates)
-    scales = [clip_scale(n, t) for n, t in zip(norms, thresholds)]
-    scales = jax.lax.optimization_barrier(scales)
-    it = iter(scales)
-    out = [scale_leaf(x, next(it)) if is_inexact(x) else x for x in leaves]
-    if not norms:
+    inexact = [x for x in leaves if is_inexact(x)]
+    if not inexact:
         zero = jnp.zeros((), jnp.float32)
         return updates, Measured(zero, zero, zero, zero)
-    before = dispatch_ord(ord, lambda o: combine_norms(norms, o))
-    after = dispatch_ord(ord, lambda o: combine_norms([n * s for n, s in zip(norms, scales)], o))
-    fraction = jnp.mean(jnp.stack([s < 1 for s in scales]).astype(jnp.float32))
-    return jax.tree.unflatten(treedef, out), Measured(before, None, after, fraction)
+
+    def norms_for(o):
+        sums, fixed = leaf_sums(inexact, o)
+        per_leaf = [restore_norms(s, f, o) for s, f in zip(sums, fixed)]
+        return per_leaf, restore_norms(stack_scalars(sums), stack_scalars(fixed), o)
+
+    norms, norm_vector = dispatch_ord(ord, norms_for)
+    it = iter(norms)
+    out = [
+        scale_leaf(x, clip_scale(next(it), limit_for_size(x.size))) if is_inexact(x) else x
+        for x in leaves
+    ]
+    sizes = np.array([x.size for x in inexact], np.float32)
+    scale_vector = clip_scale(norm_vector, limit_for_size(sizes))
+    before = dispatch_ord(ord, lambda o: norm_of_norms(norm_vector, o))
+    after = dispatch_ord(ord, lambda o: norm_of_norms(norm_vector * scale_vector, o))
+    clipped = jnp.mean(scale_vector < 1)
+    return jax.tree.unflatten(treedef, out), Measured(before, None, after, clipped)
 
 
 def clip_by_leaf_norm(
@@ -211,8 +230,7 @@ def clip_by_leaf_norm(
 
     def clip(updates, params):
         del params
-        norms = [n for n in jax.tree.leaves(leaf_norms(updates, ord))]
-        updates, measured = _clip_leaves(updates, norms, [max_norm] * len(norms), ord)
+        updates, measured = _clip_leaves(updates, ord, lambda size: max_norm)
         return updates, measured._replace(threshold=max_norm)
 
     return stats_only_clipper(ClipByLeafNormState, clip)
@@ -244,10 +262,11 @@ def clip_by_block_rms(threshold: float | jax.Array) -> optax.GradientTransformat
 
     def clip(updates, params):
         del params
-        leaves = float_leaves(updates)
-        norms = jax.tree.leaves(leaf_norms(updates, 2))
-        limits = [jnp.asarray(threshold, jnp.float32) * math.sqrt(max(x.size, 1)) for x in leaves]
-        updates, measured = _clip_leaves(updates, norms, limits, 2)
+
+        def limit(size):
+            return jnp.asarray(threshold, jnp.float32) * np.sqrt(np.float32(size))
+
+        updates, measured = _clip_leaves(updates, 2, limit)
         return updates, measured._replace(threshold=threshold)
 
     return stats_only_clipper(ClipByBlockRMSState, clip)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from gradclip_jax._core import Measured, check_range, clip_scale, scale_leaf, stats_only_clipper
-from gradclip_jax._norms import combine_norms, is_inexact, unitwise_norms
+from gradclip_jax._norms import is_inexact, norm_of_norms, stack_scalars, unitwise_norms
 from gradclip_jax._stats import ClipStats
 
 __all__ = ["AGCState", "agc"]
@@ -85,15 +85,12 @@ def agc(
         ]
         it = iter(scales)
         out = [scale_leaf(x, next(it)) if is_inexact(x) else x for x in leaves]
-        if scales:
-            clipped_units = sum(jnp.sum(s < 1) for s in scales)
-            fraction = clipped_units / sum(s.size for s in scales)
-        else:
-            fraction = jnp.zeros((), jnp.float32)
+        fraction = jnp.mean(stack_scalars(scales) < 1) if scales else jnp.zeros(())
+        g_vector = stack_scalars(g_leaves)
         measured = Measured(
-            combine_norms(g_leaves),
+            norm_of_norms(g_vector),
             clipping,
-            combine_norms([g * s for g, s in zip(g_leaves, scales)]),
+            norm_of_norms(g_vector * stack_scalars(scales)),
             fraction,
         )
         return jax.tree.unflatten(treedef, out), measured

@@ -176,7 +176,9 @@ def _count_reductions(fn, tree):
 
 def test_small_leaves_share_one_reduction():
     """Compile time must not grow with one reduction per leaf (optax's 45 s at 2,000 leaves)."""
-    tree = {f"leaf{i}": jnp.ones((10,)) for i in range(200)}
-    # The common path has one sum, the overflow fallback one max and one sum.
-    assert _count_reductions(gradclip_jax.global_norm, tree) <= 3
-    assert _count_reductions(optax.tree.norm, tree) >= 200
+    small = {f"leaf{i}": jnp.ones((10,)) for i in range(200)}
+    many = {f"leaf{i}": jnp.ones((10,)) for i in range(400)}
+    ours = _count_reductions(gradclip_jax.global_norm, small)
+    assert ours == _count_reductions(gradclip_jax.global_norm, many)
+    assert ours <= 6
+    assert _count_reductions(optax.tree.norm, small) >= 200
