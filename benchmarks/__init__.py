@@ -1,0 +1,4 @@
+"""Side-by-side benchmarks of gradclip_jax against optax and PyTorch.
+
+Run ``python -m benchmarks --help``; see ``benchmarks/README.md``.
+"""
