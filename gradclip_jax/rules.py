@@ -1,0 +1,657 @@
+"""Threshold rules for :func:`gradclip_jax.adaptive_clip`: thresholds that follow the gradients.
+
+A *rule* decides, at every step, how large a norm may be. It is a small pure object
+(its fields are its hyperparameters) with three methods:
+
+* ``init() -> state``: the state before the first step, a pytree of arrays of fixed
+  shapes and dtypes (no Python lists, no growth);
+* ``threshold(state, norm, global_norm) -> scalar``: the threshold for the current
+  step, given the norm just measured. It must be ``>= 0`` and never NaN for finite
+  norms (``inf`` means "do not clip");
+* ``advance(state, norm, global_norm) -> state``: the state for the next step, with the
+  same structure, shapes and dtypes.
+
+``norm`` is the norm of the block being clipped: the global norm of the updates under
+``granularity="global"``, one leaf's norm under ``granularity="leaf"`` (where the
+methods are ``jax.vmap``-ed over a leading leaf axis of the state). ``global_norm`` is
+always the norm of the whole update; most rules ignore it. Both are non-negative
+float32 scalars (float64 for float64 updates).
+
+:func:`~gradclip_jax.adaptive_clip` does the rest: it measures, clips, advances the
+state, records :class:`~gradclip_jax.ClipStats`, and never lets a step whose global
+norm is NaN or infinite reach the state, so a rule need not handle non-finite norms.
+
+Write the methods with ``jnp`` operations and ``jnp.where`` (no Python ``if`` on
+arrays): they run under ``jax.jit``. Hyperparameters may arrive as traced arrays when
+the transformation is wrapped in ``optax.inject_hyperparams``, so a size that shapes the
+state (a buffer length) is read from the state's shape inside ``threshold`` and
+``advance``, never from a field.
+
+Examples:
+  A rule that lets the norm grow at most 50% from one step to the next:
+
+  >>> import dataclasses
+  >>> import jax.numpy as jnp, optax
+  >>> import gradclip_jax
+  >>> @dataclasses.dataclass(frozen=True)
+  ... class GrowthLimit:
+  ...     growth: float = 1.5
+  ...
+  ...     def init(self):
+  ...         return jnp.array(jnp.inf, jnp.float32)  # the previous step's clipped norm
+  ...
+  ...     def threshold(self, previous, norm, global_norm):
+  ...         return self.growth * previous
+  ...
+  ...     def advance(self, previous, norm, global_norm):
+  ...         clipped = jnp.minimum(norm, self.threshold(previous, norm, global_norm))
+  ...         return jnp.where(clipped > 0, clipped, previous)  # zeros carry no scale
+  >>> tx = optax.chain(gradclip_jax.adaptive_clip(GrowthLimit()), optax.adam(1e-3))
+  >>> params = jnp.zeros(2)
+  >>> state = tx.init(params)
+  >>> for g in (1.0, 1.2, 10.0):
+  ...     _, state = tx.update(jnp.array([g, 0.0]), state, params)
+  >>> logs = gradclip_jax.stats(state)
+  >>> print(f"{logs['adaptive_clip/norm']:.1f} clipped to {logs['adaptive_clip/clipped_norm']:.1f}")
+  10.0 clipped to 1.8
+
+  ``examples/custom_rule.py`` is a longer version of this.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple, Protocol, TypeVar
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from gradclip_jax._core import check_choice, check_count, check_range, check_threshold
+from gradclip_jax._norms import is_tracer
+
+__all__ = [
+    "AdaGC",
+    "AdaGCState",
+    "EMA",
+    "EMAState",
+    "Percentile",
+    "PercentileState",
+    "Quantile",
+    "QuantileState",
+    "Rule",
+    "ZScore",
+    "ZScoreState",
+    "adagc",
+    "ema",
+    "percentile",
+    "quantile",
+    "zscore",
+]
+
+State = TypeVar("State")
+
+
+class Rule(Protocol[State]):
+    """What :func:`gradclip_jax.adaptive_clip` needs from a threshold rule.
+
+    Any object with these three methods is a rule; subclassing is not needed. See the
+    module documentation for the contract and a complete example.
+    """
+
+    def init(self) -> State:
+        """The state before the first step: a pytree of fixed-size arrays."""
+        ...
+
+    def threshold(self, state: State, norm: jax.Array, global_norm: jax.Array) -> jax.Array:
+        """The threshold (a scalar ``>= 0``, never NaN) for the norm measured now."""
+        ...
+
+    def advance(self, state: State, norm: jax.Array, global_norm: jax.Array) -> State:
+        """The next state, with the structure, shapes and dtypes of ``state``."""
+        ...
+
+
+def _f32(value: Any) -> jax.Array:
+    return jnp.asarray(value, jnp.float32)
+
+
+def _cap(threshold: jax.Array, max_norm: Any) -> jax.Array:
+    return threshold if max_norm is None else jnp.minimum(threshold, _f32(max_norm))
+
+
+def _state_size(rule: str, arg: str, value: Any) -> int:
+    """A hyperparameter that shapes the state, as a Python int (it must be concrete)."""
+    if is_tracer(value):
+        raise ValueError(
+            f"{rule}: `{arg}` sets the size of the state, so it must be a concrete integer "
+            f"when the state is created; got a traced value. Under "
+            f"`optax.inject_hyperparams`, create the state outside `jax.jit`, or name it in "
+            f"`static_args=('{arg}',)`."
+        )
+    return int(value)
+
+
+# --------------------------------------------------------------------------------------
+# AutoClip: a percentile of the history of norms.
+
+
+class PercentileState(NamedTuple):
+    """State of the :func:`percentile` rule: a ring buffer of past unclipped norms."""
+
+    norms: jax.Array  # (history,) float32; slots at and after `filled` are unused
+    position: jax.Array  # () int32, the slot the next norm is written to
+    filled: jax.Array  # () int32, the number of norms stored, at most `history`
+
+
+@dataclasses.dataclass(frozen=True)
+class Percentile:
+    """The AutoClip rule; build it with :func:`percentile`."""
+
+    p: Any = 10.0
+    history: Any = 1024
+
+    def validate(self, fn: str) -> Percentile:
+        """Checks concrete hyperparameters, naming ``fn`` in errors; returns ``self``."""
+        check_range(fn, "p", self.p, 0.0, 100.0)
+        check_count(fn, "history", self.history, minimum=1)
+        return self
+
+    def init(self) -> PercentileState:
+        size = _state_size("rules.percentile", "history", self.history)
+        zero = jnp.zeros((), jnp.int32)
+        return PercentileState(jnp.zeros((size,), jnp.float32), zero, zero)
+
+    def _window(self, state: PercentileState, norm: jax.Array) -> PercentileState:
+        size = state.norms.shape[0]
+        norms = state.norms.at[state.position].set(norm.astype(jnp.float32))
+        return PercentileState(
+            norms, (state.position + 1) % size, jnp.minimum(state.filled + 1, size)
+        )
+
+    def threshold(
+        self, state: PercentileState, norm: jax.Array, global_norm: jax.Array
+    ) -> jax.Array:
+        del global_norm
+        window = self._window(state, norm)
+        size = window.norms.shape[0]
+        # Slots are filled in order before the buffer wraps, so the used ones come first.
+        used = jnp.arange(size) < window.filled
+        ordered = jnp.sort(jnp.where(used, window.norms, jnp.inf))
+        # np.percentile's default ("linear") interpolation between order statistics.
+        position = _f32(self.p) / 100 * (window.filled - 1).astype(jnp.float32)
+        low = jnp.floor(position).astype(jnp.int32)
+        high = jnp.minimum(low + 1, window.filled - 1)
+        fraction = position - low.astype(jnp.float32)
+        below, above = ordered[low], ordered[high]
+        return jnp.where(fraction > 0, below + (above - below) * fraction, below)
+
+    def advance(
+        self, state: PercentileState, norm: jax.Array, global_norm: jax.Array
+    ) -> PercentileState:
+        del global_norm
+        return self._window(state, norm)
+
+
+def percentile(p: float | jax.Array = 10.0, history: int | jax.Array = 1024) -> Percentile:
+    """AutoClip: the threshold is the ``p``-th percentile of the recent unclipped norms.
+
+    The norms are those measured before clipping, the current one included, so the
+    first step never clips (its percentile is its own norm). Percentiles interpolate
+    linearly between order statistics, as ``np.percentile`` does.
+
+    The reference implementation keeps every norm since the start of training in a
+    growing list. This rule keeps the last ``history`` norms in a ring buffer (fixed
+    memory, jit friendly): results are identical for the first ``history`` steps; after
+    that the percentile is over a sliding window of the last ``history`` norms, so the
+    threshold follows the recent gradient scale instead of being anchored by the
+    (usually larger) norms of early training. Use a larger ``history`` to stay closer
+    to the reference; each step sorts the buffer, O(history log history) scalar work.
+
+    Args:
+      p: the percentile, in [0, 100]; AutoClip's default 10 clips about 90% of steps
+        to the 10th-percentile norm.
+      history: the number of norms kept, ``>= 1``. It sets the state's size, so under
+        ``optax.inject_hyperparams`` the value given when the state is created stays in
+        force.
+
+    Returns:
+      A :class:`Percentile` rule for :func:`gradclip_jax.adaptive_clip`.
+
+    References:
+      Seetharaman et al., `AutoClip: Adaptive Gradient Clipping for Source Separation
+      Networks <https://arxiv.org/abs/2007.14469>`_, 2020
+
+    Examples:
+      >>> import jax.numpy as jnp, optax
+      >>> import gradclip_jax
+      >>> rule = gradclip_jax.rules.percentile(p=50.0, history=4)
+      >>> tx = optax.chain(gradclip_jax.adaptive_clip(rule), optax.adam(1e-3))
+      >>> params = jnp.zeros(1)
+      >>> state = tx.init(params)
+      >>> for g in (1.0, 2.0, 3.0, 30.0):
+      ...     _, state = tx.update(jnp.array([g]), state, params)
+      >>> print(f"{gradclip_jax.stats(state)['adaptive_clip/threshold']:.1f}")  # median
+      2.5
+    """
+    return Percentile(p, history).validate("rules.percentile")
+
+
+# --------------------------------------------------------------------------------------
+# ZClip: z-score anomaly detection on EMA mean / variance of the norm.
+
+
+class ZScoreState(NamedTuple):
+    """State of the :func:`zscore` rule."""
+
+    count: jax.Array  # () int32, steps absorbed so far (saturating)
+    mean: jax.Array  # () float32, warm-up mean, then EMA of the norm
+    variance: jax.Array  # () float32, warm-up population variance, then EMA
+
+
+@dataclasses.dataclass(frozen=True)
+class ZScore:
+    """The ZClip rule; build it with :func:`zscore`."""
+
+    z_thresh: Any = 2.5
+    decay: Any = 0.97
+    warmup_steps: Any = 25
+    mode: str = "reciprocal"
+    max_norm: Any = 1.0
+    eps: Any = 1e-6
+
+    def validate(self, fn: str) -> ZScore:
+        """Checks concrete hyperparameters, naming ``fn`` in errors; returns ``self``."""
+        check_range(fn, "z_thresh", self.z_thresh)
+        check_range(fn, "decay", self.decay, 0.0, 1.0)
+        check_count(fn, "warmup_steps", self.warmup_steps, minimum=1)
+        check_choice(fn, "mode", self.mode, ("reciprocal", "mean"))
+        if self.max_norm is not None:
+            check_threshold(fn, "max_norm", self.max_norm)
+        check_range(fn, "eps", self.eps)
+        return self
+
+    def init(self) -> ZScoreState:
+        zero = jnp.zeros((), jnp.float32)
+        return ZScoreState(jnp.zeros((), jnp.int32), zero, zero)
+
+    def _spike(self, state: ZScoreState, norm: jax.Array):
+        """Whether ``norm`` is a spike, the value it is clipped to, and the std."""
+        z_thresh = _f32(self.z_thresh)
+        # sqrt with a zero (not infinite) derivative at 0, for users who differentiate
+        # through the optimizer.
+        positive = state.variance > 0
+        std = jnp.where(positive, jnp.sqrt(jnp.where(positive, state.variance, 1)), 0)
+        z = (norm - state.mean) / (std + _f32(self.eps))
+        spike = (state.count >= self.warmup_steps) & (z > z_thresh)
+        if self.mode == "reciprocal":
+            # On a spike z > z_thresh >= 0, so the division is safe.
+            clipped = state.mean + z_thresh**2 * std / jnp.where(spike, z, 1)
+        else:
+            clipped = state.mean
+        return spike, clipped, std
+
+    def threshold(self, state: ZScoreState, norm: jax.Array, global_norm: jax.Array) -> jax.Array:
+        del global_norm
+        spike, clipped, std = self._spike(state, norm)
+        # Outside spikes, report the largest norm that is not a spike (z == z_thresh).
+        boundary = state.mean + _f32(self.z_thresh) * (std + _f32(self.eps))
+        calm = jnp.where(norm > boundary, norm, boundary)  # rounding at z == z_thresh
+        adaptive = jnp.where(spike, clipped, calm)
+        threshold = jnp.where(state.count >= self.warmup_steps, adaptive, jnp.inf)
+        return _cap(threshold, self.max_norm)
+
+    def advance(self, state: ZScoreState, norm: jax.Array, global_norm: jax.Array) -> ZScoreState:
+        del global_norm
+        spike, clipped, _ = self._spike(state, norm)
+        # Warm-up: running mean and population variance (Welford), exact for the sample.
+        n = (state.count + 1).astype(jnp.float32)
+        delta = norm - state.mean
+        warm_mean = state.mean + delta / n
+        warm_var = (state.variance * (n - 1) + delta * (norm - warm_mean)) / n
+        # After warm-up: EMA fed the clipped value on spikes; the variance uses the new mean.
+        decay = _f32(self.decay)
+        fed = jnp.where(spike, clipped, norm)
+        ema_mean = decay * state.mean + (1 - decay) * fed
+        ema_var = decay * state.variance + (1 - decay) * (fed - ema_mean) ** 2
+        warm = state.count < self.warmup_steps
+        # Squares of norms beyond ~1e19 overflow float32; a variance clamped to the
+        # largest float (instead of inf) decays back once the norms are ordinary again.
+        variance = jnp.minimum(jnp.where(warm, warm_var, ema_var), jnp.finfo(jnp.float32).max)
+        return ZScoreState(
+            optax.safe_increment(state.count), jnp.where(warm, warm_mean, ema_mean), variance
+        )
+
+
+def zscore(
+    z_thresh: float | jax.Array = 2.5,
+    decay: float | jax.Array = 0.97,
+    warmup_steps: int | jax.Array = 25,
+    mode: str = "reciprocal",
+    max_norm: float | jax.Array | None = 1.0,
+    *,
+    eps: float | jax.Array = 1e-6,
+) -> ZScore:
+    """ZClip: clip norms whose z-score against an EMA of past norms exceeds ``z_thresh``.
+
+    Follows the reference implementation (``bluorion-com/ZClip``):
+
+    * warm-up, the first ``warmup_steps`` steps: norms are collected and clipped at
+      ``max_norm`` only; afterwards the mean and variance start as the mean and
+      *population* variance of the warm-up norms;
+    * then ``z = (norm - mean) / (std + eps)``; a spike is ``z > z_thresh``, clipped to
+      ``mean + z_thresh**2 * std / z`` (``mode="reciprocal"``, the reference's
+      "adaptive_scaling": the larger the spike, the tighter the clip) or to ``mean``
+      (``mode="mean"``);
+    * the EMAs absorb the clipped value on spikes and the raw norm otherwise (before
+      the ``max_norm`` cap, as in the reference); the variance EMA uses the already
+      updated mean: ``var <- decay * var + (1 - decay) * (x - new_mean)**2``;
+    * the threshold never exceeds ``max_norm``.
+
+    On steps that are not spikes the reported threshold is the spike boundary
+    ``mean + z_thresh * (std + eps)`` (capped at ``max_norm``): the largest norm that
+    passes unclipped, so a plot of threshold against norm shows the margin. During
+    warm-up it is ``max_norm`` (``inf`` when ``max_norm`` is ``None``).
+
+    Args:
+      z_thresh: the z-score above which a norm is a spike, ``>= 0``.
+      decay: the EMA decay (the reference's ``alpha``), in [0, 1].
+      warmup_steps: the number of warm-up steps, an integer ``>= 1``.
+      mode: ``"reciprocal"`` or ``"mean"``, the spike threshold (see above).
+      max_norm: a hard cap on the threshold, ``>= 0``; ``None`` for none.
+      eps: added to the standard deviation before dividing, ``>= 0`` (reference: 1e-6).
+
+    Returns:
+      A :class:`ZScore` rule for :func:`gradclip_jax.adaptive_clip`.
+
+    References:
+      Kumar et al., `ZClip: Adaptive Spike Mitigation for LLM Pre-Training
+      <https://arxiv.org/abs/2504.02507>`_, 2025
+
+    Examples:
+      >>> import jax.numpy as jnp, optax
+      >>> import gradclip_jax
+      >>> rule = gradclip_jax.rules.zscore(warmup_steps=3, max_norm=None)
+      >>> tx = optax.chain(gradclip_jax.adaptive_clip(rule), optax.adam(1e-3))
+      >>> params = jnp.zeros(1)
+      >>> state = tx.init(params)
+      >>> for g in (1.0, 1.2, 0.8, 1.1, 9.0):
+      ...     _, state = tx.update(jnp.array([g]), state, params)
+      >>> logs = gradclip_jax.stats(state)
+      >>> print(f"{logs['adaptive_clip/norm']:.1f} -> {logs['adaptive_clip/clipped_norm']:.2f}")
+      9.0 -> 1.02
+    """
+    return ZScore(z_thresh, decay, warmup_steps, mode, max_norm, eps).validate("rules.zscore")
+
+
+# --------------------------------------------------------------------------------------
+# A multiple of the EMA of past norms.
+
+
+class EMAState(NamedTuple):
+    """State of the :func:`ema` rule."""
+
+    count: jax.Array  # () int32, steps absorbed so far (saturating)
+    mean: jax.Array  # () float32, warm-up mean, then EMA of the clipped norm
+
+
+@dataclasses.dataclass(frozen=True)
+class EMA:
+    """A multiple of the EMA of past norms; build it with :func:`ema`."""
+
+    factor: Any = 2.0
+    decay: Any = 0.99
+    warmup_steps: Any = 100
+
+    def validate(self, fn: str) -> EMA:
+        """Checks concrete hyperparameters, naming ``fn`` in errors; returns ``self``."""
+        check_range(fn, "factor", self.factor, low_inclusive=False)
+        check_range(fn, "decay", self.decay, 0.0, 1.0)
+        check_count(fn, "warmup_steps", self.warmup_steps, minimum=1)
+        return self
+
+    def init(self) -> EMAState:
+        return EMAState(jnp.zeros((), jnp.int32), jnp.zeros((), jnp.float32))
+
+    def threshold(self, state: EMAState, norm: jax.Array, global_norm: jax.Array) -> jax.Array:
+        del norm, global_norm
+        warmed = state.count >= self.warmup_steps
+        return jnp.where(warmed, _f32(self.factor) * state.mean, jnp.inf)
+
+    def advance(self, state: EMAState, norm: jax.Array, global_norm: jax.Array) -> EMAState:
+        clipped = jnp.minimum(norm, self.threshold(state, norm, global_norm))
+        warm = state.count < self.warmup_steps
+        # Warm-up averages with weight 1/n (a plain mean), then with weight 1 - decay.
+        weight = jnp.where(warm, 1 / (state.count + 1).astype(jnp.float32), 1 - _f32(self.decay))
+        mean = state.mean + weight * (clipped - state.mean)
+        return EMAState(optax.safe_increment(state.count), mean)
+
+
+def ema(
+    factor: float | jax.Array = 2.0,
+    decay: float | jax.Array = 0.99,
+    warmup_steps: int | jax.Array = 100,
+) -> EMA:
+    """Clip to ``factor`` times the exponential moving average of past norms.
+
+    Warm-up: during the first ``warmup_steps`` steps nothing is clipped (the threshold
+    is ``inf``) and the average is the plain mean of the norms seen, so the EMA starts
+    from an unbiased estimate instead of from zero. Afterwards the threshold is
+    ``factor * mean`` with the mean of the *previous* steps, and the mean absorbs the
+    norm after clipping: ``mean <- decay * mean + (1 - decay) * min(norm, threshold)``,
+    so one spike moves it by at most ``(1 - decay) * (factor - 1) * mean``.
+
+    Args:
+      factor: the multiple of the average norm allowed, ``> 0``.
+      decay: the EMA decay, in [0, 1].
+      warmup_steps: steps without clipping while the mean is estimated, ``>= 1``.
+
+    Returns:
+      An :class:`EMA` rule for :func:`gradclip_jax.adaptive_clip`.
+
+    Examples:
+      >>> import jax.numpy as jnp, optax
+      >>> import gradclip_jax
+      >>> rule = gradclip_jax.rules.ema(factor=2.0, warmup_steps=2)
+      >>> tx = optax.chain(gradclip_jax.adaptive_clip(rule), optax.adam(1e-3))
+      >>> params = jnp.zeros(1)
+      >>> state = tx.init(params)
+      >>> for g in (1.0, 3.0, 10.0):  # warm-up mean 2.0, then clip at 4.0
+      ...     _, state = tx.update(jnp.array([g]), state, params)
+      >>> print(f"{gradclip_jax.stats(state)['adaptive_clip/clipped_norm']:.1f}")
+      4.0
+    """
+    return EMA(factor, decay, warmup_steps).validate("rules.ema")
+
+
+# --------------------------------------------------------------------------------------
+# Online geometric quantile tracking (Andrew et al. 2021, without privacy noise).
+
+
+class QuantileState(NamedTuple):
+    """State of the :func:`quantile` rule."""
+
+    threshold: jax.Array  # () float32, the current estimate of the target quantile
+
+
+@dataclasses.dataclass(frozen=True)
+class Quantile:
+    """Online quantile tracking; build it with :func:`quantile`."""
+
+    target: Any = 0.5
+    learning_rate: Any = 0.2
+    initial: Any = 1.0
+
+    def validate(self, fn: str) -> Quantile:
+        """Checks concrete hyperparameters, naming ``fn`` in errors; returns ``self``."""
+        check_range(fn, "target", self.target, 0.0, 1.0)
+        check_range(fn, "learning_rate", self.learning_rate)
+        check_range(fn, "initial", self.initial, low_inclusive=False, high_inclusive=False)
+        return self
+
+    def init(self) -> QuantileState:
+        return QuantileState(_f32(self.initial))
+
+    def threshold(self, state: QuantileState, norm: jax.Array, global_norm: jax.Array) -> jax.Array:
+        del norm, global_norm
+        return state.threshold
+
+    def advance(
+        self, state: QuantileState, norm: jax.Array, global_norm: jax.Array
+    ) -> QuantileState:
+        del global_norm
+        below = (norm <= state.threshold).astype(jnp.float32)
+        step = jnp.exp(-_f32(self.learning_rate) * (below - _f32(self.target)))
+        # Keep the estimate a normal positive float: from 0 or inf it could never return.
+        finfo = jnp.finfo(jnp.float32)
+        return QuantileState(jnp.clip(state.threshold * step, finfo.tiny, finfo.max))
+
+
+def quantile(
+    target: float | jax.Array = 0.5,
+    learning_rate: float | jax.Array = 0.2,
+    initial: float | jax.Array = 1.0,
+) -> Quantile:
+    """Track the ``target`` quantile of the norm online and clip to it.
+
+    The threshold ``C`` is used for the current step, then updated geometrically:
+    ``C <- C * exp(-learning_rate * (b - target))`` with ``b = 1`` if the norm was
+    ``<= C`` and 0 otherwise. At equilibrium a fraction ``target`` of the steps pass
+    unclipped. O(1) state; ``C`` is kept within float32's normal range so that it can
+    always recover (a long run of zero gradients would otherwise drive it to 0 for
+    good).
+
+    Args:
+      target: the fraction of steps that should pass unclipped, in [0, 1].
+      learning_rate: the geometric step size, ``>= 0``.
+      initial: the threshold at the first step, ``> 0`` and finite.
+
+    Returns:
+      A :class:`Quantile` rule for :func:`gradclip_jax.adaptive_clip`.
+
+    References:
+      Andrew et al., `Differentially Private Learning with Adaptive Clipping
+      <https://arxiv.org/abs/1905.03871>`_, 2021 (the quantile estimator, without the
+      privacy noise)
+
+    Examples:
+      >>> import jax.numpy as jnp, optax
+      >>> import gradclip_jax
+      >>> rule = gradclip_jax.rules.quantile(target=0.5, learning_rate=0.2, initial=1.0)
+      >>> tx = optax.chain(gradclip_jax.adaptive_clip(rule), optax.adam(1e-3))
+      >>> params = jnp.zeros(1)
+      >>> state = tx.init(params)
+      >>> for g in (5.0, 5.0):  # above C: C grows by exp(0.1) each step
+      ...     _, state = tx.update(jnp.array([g]), state, params)
+      >>> print(f"{gradclip_jax.stats(state)['adaptive_clip/threshold']:.4f}")
+      1.1052
+    """
+    return Quantile(target, learning_rate, initial).validate("rules.quantile")
+
+
+# --------------------------------------------------------------------------------------
+# AdaGC: per-tensor EMA of clipped norms after a global-clipping warm-up.
+
+
+class AdaGCState(NamedTuple):
+    """State of the :func:`adagc` rule (per leaf under ``granularity="leaf"``)."""
+
+    count: jax.Array  # () int32, steps absorbed so far (saturating)
+    gamma: jax.Array  # () float32, minimum then EMA of clipped norms; inf until one > 0
+
+
+@dataclasses.dataclass(frozen=True)
+class AdaGC:
+    """The AdaGC rule; build it with :func:`adagc`."""
+
+    abs_max: Any = 1.0
+    relative: Any = 1.05
+    decay: Any = 0.98
+    warmup_steps: Any = 100
+
+    def validate(self, fn: str) -> AdaGC:
+        """Checks concrete hyperparameters, naming ``fn`` in errors; returns ``self``."""
+        check_threshold(fn, "abs_max", self.abs_max)
+        check_range(fn, "relative", self.relative, low_inclusive=False)
+        check_range(fn, "decay", self.decay, 0.0, 1.0)
+        check_count(fn, "warmup_steps", self.warmup_steps)
+        return self
+
+    def init(self) -> AdaGCState:
+        return AdaGCState(jnp.zeros((), jnp.int32), jnp.array(jnp.inf, jnp.float32))
+
+    def _warm(self, state: AdaGCState) -> jax.Array:
+        # A block that has only seen zero norms has no scale yet: it stays in warm-up.
+        return (state.count < self.warmup_steps) | jnp.isinf(state.gamma)
+
+    def threshold(self, state: AdaGCState, norm: jax.Array, global_norm: jax.Array) -> jax.Array:
+        abs_max = _f32(self.abs_max)
+        # Global clipping at abs_max, expressed as this block's share of the budget.
+        positive = global_norm > 0
+        share = abs_max * jnp.where(positive, norm / jnp.where(positive, global_norm, 1), 1)
+        return jnp.where(self._warm(state), share, _f32(self.relative) * state.gamma)
+
+    def advance(self, state: AdaGCState, norm: jax.Array, global_norm: jax.Array) -> AdaGCState:
+        clipped = jnp.minimum(norm, self.threshold(state, norm, global_norm))
+        decay = _f32(self.decay)
+        gamma = jnp.where(
+            self._warm(state),
+            jnp.minimum(state.gamma, clipped),
+            decay * state.gamma + (1 - decay) * clipped,
+        )
+        # A zero norm (a frozen or unused parameter) says nothing about the scale.
+        gamma = jnp.where(clipped > 0, gamma, state.gamma)
+        return AdaGCState(optax.safe_increment(state.count), gamma)
+
+
+def adagc(
+    abs_max: float | jax.Array = 1.0,
+    relative: float | jax.Array = 1.05,
+    decay: float | jax.Array = 0.98,
+    warmup_steps: int | jax.Array = 100,
+) -> AdaGC:
+    """AdaGC: clip each block to ``relative`` times an EMA of its own clipped norms.
+
+    Meant for ``granularity="leaf"`` (one state per tensor), as in the paper:
+
+    * warm-up, the first ``warmup_steps`` steps: the whole update is clipped to global
+      norm ``abs_max`` (a leaf's threshold is its share ``abs_max * norm /
+      global_norm``), and ``gamma`` tracks the minimum of the leaf's clipped norms;
+    * then ``threshold = relative * gamma`` and
+      ``gamma <- decay * gamma + (1 - decay) * min(norm, threshold)``.
+
+    Guard against a known pitfall: a norm of exactly zero (a parameter unused in that
+    batch, or frozen) is not absorbed, so a leaf whose gradient is zero during warm-up
+    does not get ``gamma = 0`` (a zero threshold forever). A leaf that has seen only
+    zero norms stays in warm-up mode until its first nonzero norm, which starts its
+    ``gamma``. The reported :class:`~gradclip_jax.ClipStats` threshold is the largest
+    leaf threshold.
+
+    Args:
+      abs_max: the global-norm threshold during warm-up, ``>= 0`` (the paper's
+        lambda_abs).
+      relative: the multiple of ``gamma`` allowed after warm-up, ``> 0`` (lambda_rel).
+      decay: the EMA decay of ``gamma`` (beta), in [0, 1].
+      warmup_steps: the number of global-clipping steps, an integer ``>= 0``.
+
+    Returns:
+      An :class:`AdaGC` rule for :func:`gradclip_jax.adaptive_clip`.
+
+    References:
+      Wang et al., `AdaGC: Improving Training Stability for Large Language Model
+      Pretraining <https://arxiv.org/abs/2502.11034>`_, 2025
+
+    Examples:
+      >>> import jax.numpy as jnp, optax
+      >>> import gradclip_jax
+      >>> rule = gradclip_jax.rules.adagc(warmup_steps=1)
+      >>> clip = gradclip_jax.adaptive_clip(rule, granularity="leaf")
+      >>> tx = optax.chain(clip, optax.adam(1e-3))
+      >>> params = {"a": jnp.zeros(1), "b": jnp.zeros(1)}
+      >>> state = tx.init(params)
+      >>> _, state = tx.update({"a": jnp.array([0.3]), "b": jnp.array([0.4])}, state, params)
+      >>> _, state = tx.update({"a": jnp.array([0.3]), "b": jnp.array([4.0])}, state, params)
+      >>> print(f"{gradclip_jax.stats(state)['adaptive_clip/clipped_norm']:.3f}")  # b: 1.05 * 0.4
+      0.516
+    """
+    return AdaGC(abs_max, relative, decay, warmup_steps).validate("rules.adagc")
