@@ -79,7 +79,9 @@ def _clip_value_leaf(x: Any, max_abs: jax.Array) -> Any:
     return jnp.clip(wide, -bound, bound).astype(x.dtype)
 
 
-def clip_by_value(max_abs: float | jax.Array) -> optax.GradientTransformation:
+def clip_by_value(
+    max_abs: float | jax.Array, *, axis_name: Any = None
+) -> optax.GradientTransformation:
     """Clips every element of the updates to ``[-max_abs, max_abs]``.
 
     Complex elements are scaled to magnitude ``max_abs``, keeping their phase.
@@ -89,6 +91,9 @@ def clip_by_value(max_abs: float | jax.Array) -> optax.GradientTransformation:
     Args:
       max_abs: the largest magnitude an element may keep; ``>= 0``, ``math.inf`` never
         clips.
+      axis_name: mapped axis name under ``shard_map`` / ``pmap`` when each device holds
+        part of the tree: the clipping is element-wise either way, and the statistics
+        become those of the whole tree (the same on every device).
 
     Returns:
       An ``optax.GradientTransformation`` whose state is a :class:`ClipByValueState`.
@@ -107,7 +112,7 @@ def clip_by_value(max_abs: float | jax.Array) -> optax.GradientTransformation:
     def clip(updates, params):
         del params
         bound = jnp.asarray(max_abs, jnp.float32)
-        largest = global_norm(updates, math.inf)
+        largest = global_norm(updates, math.inf, axis_name=axis_name)
         clipped = jax.tree.map(lambda x: _clip_value_leaf(x, bound), updates)
         after = jnp.minimum(largest, bound.astype(largest.dtype))
         return clipped, Measured(largest, bound, after, largest > bound)
@@ -166,13 +171,14 @@ def clip_by_global_norm(
     return stats_only_clipper(ClipByGlobalNormState, clip)
 
 
-def _clip_leaves(updates, ord, limit_for_size):
+def _clip_leaves(updates, ord, limit_for_size, axis_name=None):
     """Scales each leaf by ``min(1, limit / norm)``; returns updates and Measured.
 
     ``limit_for_size(n)`` is the threshold of a leaf of ``n`` elements (it must also
-    accept an array of sizes). Each leaf's norm and scale feed only its own multiply,
-    so XLA fuses them into one kernel per leaf; the statistics are recomputed on
-    stacked vectors, a few kernels whatever the number of leaves.
+    accept an array of sizes); with ``axis_name``, every leaf is split evenly across the
+    axis and ``n`` is the size of the whole leaf. Each leaf's norm and scale feed only
+    its own multiply, so XLA fuses them into one kernel per leaf; the statistics are
+    recomputed on stacked vectors, a few kernels whatever the number of leaves.
     """
     leaves, treedef = jax.tree.flatten(updates)
     inexact = [x for x in leaves if is_inexact(x)]
@@ -181,17 +187,20 @@ def _clip_leaves(updates, ord, limit_for_size):
         return updates, Measured(zero, zero, zero, zero)
 
     def norms_for(o):
-        sums, fixed = leaf_sums(inexact, o)
+        sums, fixed = leaf_sums(inexact, o, axis_name)
         per_leaf = [restore_norms(s, f, o) for s, f in zip(sums, fixed)]
         return per_leaf, restore_norms(stack_scalars(sums), stack_scalars(fixed), o)
 
     norms, norm_vector = dispatch_ord(ord, norms_for)
+    devices = 1 if axis_name is None else jax.lax.psum(1, axis_name)
     it = iter(norms)
     out = [
-        scale_leaf(x, clip_scale(next(it), limit_for_size(x.size))) if is_inexact(x) else x
+        scale_leaf(x, clip_scale(next(it), limit_for_size(x.size * devices)))
+        if is_inexact(x)
+        else x
         for x in leaves
     ]
-    sizes = np.array([x.size for x in inexact], np.float32)
+    sizes = np.array([x.size * devices for x in inexact], np.float32)
     scale_vector = clip_scale(norm_vector, limit_for_size(sizes))
     before = dispatch_ord(ord, lambda o: norm_of_norms(norm_vector, o))
     after = dispatch_ord(ord, lambda o: norm_of_norms(norm_vector * scale_vector, o))
@@ -200,7 +209,7 @@ def _clip_leaves(updates, ord, limit_for_size):
 
 
 def clip_by_leaf_norm(
-    max_norm: float | jax.Array, *, ord: int | float = 2
+    max_norm: float | jax.Array, *, ord: int | float = 2, axis_name: Any = None
 ) -> optax.GradientTransformation:
     """Scales each leaf (layer tensor) separately so that its own norm is at most ``max_norm``.
 
@@ -210,6 +219,9 @@ def clip_by_leaf_norm(
     Args:
       max_norm: largest norm a leaf may keep; ``>= 0``, ``math.inf`` never clips.
       ord: 2 (default), 1 or ``math.inf``.
+      axis_name: mapped axis name under ``shard_map`` / ``pmap`` when *every* leaf is
+        split across devices (e.g. reduce-scattered gradients): each leaf's norm is that
+        of the whole leaf. Not needed under ``jax.jit`` on sharded arrays.
 
     Returns:
       An ``optax.GradientTransformation`` whose state is a :class:`ClipByLeafNormState`.
@@ -230,13 +242,15 @@ def clip_by_leaf_norm(
 
     def clip(updates, params):
         del params
-        updates, measured = _clip_leaves(updates, ord, lambda size: max_norm)
+        updates, measured = _clip_leaves(updates, ord, lambda size: max_norm, axis_name)
         return updates, measured._replace(threshold=max_norm)
 
     return stats_only_clipper(ClipByLeafNormState, clip)
 
 
-def clip_by_block_rms(threshold: float | jax.Array) -> optax.GradientTransformation:
+def clip_by_block_rms(
+    threshold: float | jax.Array, *, axis_name: Any = None
+) -> optax.GradientTransformation:
     """Scales each leaf so that its root-mean-square is at most ``threshold``.
 
     Same semantics as ``optax.clip_by_block_rms`` (a leaf is divided by
@@ -246,6 +260,9 @@ def clip_by_block_rms(threshold: float | jax.Array) -> optax.GradientTransformat
 
     Args:
       threshold: largest RMS a leaf may keep; ``>= 0``, ``math.inf`` never clips.
+      axis_name: mapped axis name under ``shard_map`` / ``pmap`` when *every* leaf is
+        split evenly across devices: the RMS is that of the whole leaf. Not needed
+        under ``jax.jit`` on sharded arrays.
 
     Returns:
       An ``optax.GradientTransformation`` whose state is a :class:`ClipByBlockRMSState`.
@@ -266,7 +283,7 @@ def clip_by_block_rms(threshold: float | jax.Array) -> optax.GradientTransformat
         def limit(size):
             return jnp.asarray(threshold, jnp.float32) * np.sqrt(np.float32(size))
 
-        updates, measured = _clip_leaves(updates, 2, limit)
+        updates, measured = _clip_leaves(updates, 2, limit, axis_name)
         return updates, measured._replace(threshold=threshold)
 
     return stats_only_clipper(ClipByBlockRMSState, clip)

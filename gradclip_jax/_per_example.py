@@ -1,0 +1,494 @@
+"""Per-example clipping for differentially private training, with adaptive DP clip norms.
+
+DP-SGD (Abadi et al., 2016) bounds what one example can do to an update: each
+example's gradient is clipped to norm ``C`` *before* the batch is summed, so adding or
+removing an example moves the sum by at most ``C`` and Gaussian noise of standard
+deviation ``noise_multiplier * C`` hides it. The input here is therefore a tree of
+*per-example* gradients, every leaf with the batch as its leading axis, e.g.
+``jax.vmap(jax.grad(loss), in_axes=(None, 0))(params, batch)``.
+
+* :func:`per_example_clip` clips and sums (no noise): one norm per example
+  (``granularity="global"``, Abadi et al.) or one per example and leaf
+  (``granularity="leaf"``, McMahan et al. 2017's per-layer clipping).
+* :func:`dp_aggregate` is the DP aggregation step as a gradient transformation: clip,
+  sum, add noise, average; the clip norm is fixed or tracked online at a quantile of
+  the per-example norms with a noised count (Andrew et al., 2021).
+
+Norms are L2 (the sensitivity DP noise is calibrated to), accumulated in float32 at
+least, overflow-safe per example (one ``lax.cond`` for the whole batch) and zero-safe,
+like every norm of this library. Clipped sums are ``scale @ grads`` over the batch axis
+at full precision (``Precision.HIGHEST``, so TPUs do not round to bfloat16).
+
+Data parallelism: examples never straddle devices, so per-example norms need no
+collective; :func:`dp_aggregate` takes ``axis_name`` to sum the clipped gradients and
+the counts of a batch split over devices, and adds the noise once. See
+``docs/multi_device.md`` for the multi-device patterns of every clipper.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import lax
+
+from gradclip_jax import rules
+from gradclip_jax._core import check_choice, check_range, check_threshold, clip_scale
+from gradclip_jax._norms import (
+    _magnitude_power,
+    _overflow_rescaling,
+    _restore,
+    accumulation_dtype,
+    global_norm,
+    is_inexact,
+    is_tracer,
+)
+from gradclip_jax._stats import ClipStats
+
+__all__ = ["DPAggregateState", "dp_aggregate", "per_example_clip"]
+
+_GRANULARITIES = ("global", "leaf")
+# Andrew et al. (2021): clip to the median, geometric rate 0.2, start small.
+_ANDREW_DEFAULTS = rules.Quantile(target=0.5, learning_rate=0.2, initial=0.1)
+# Andrew et al.'s default noise on the unclipped count: expected batch size / 20.
+_COUNT_STDDEV_PER_EXAMPLE = 1 / 20
+
+
+def _example_axes(x: jax.Array) -> tuple[int, ...]:
+    return tuple(range(1, x.ndim))
+
+
+def _batch_size(fn: str, tree: Any, leaves: list[jax.Array]) -> int:
+    sizes = {x.shape[0] if x.ndim else None for x in leaves}
+    if not leaves or None in sizes or len(sizes) != 1:
+        shapes = jax.tree.map(jnp.shape, tree)
+        raise ValueError(
+            f"{fn}: expects per-example gradients, every floating-point leaf with the "
+            f"batch as its leading axis (one size for all); got shapes {shapes}. Compute "
+            "them with jax.vmap(jax.grad(loss), in_axes=(None, 0))(params, batch)."
+        )
+    return sizes.pop()
+
+
+def _squared_norms(leaves: list[jax.Array], dtype: Any = None) -> list[jax.Array]:
+    """Per leaf, the ``(batch,)`` sums of squares of each example.
+
+    With ``dtype``, each leaf is first widened to it and every value multiplied by the
+    overflow rescaling of ``dtype`` (so the sums share one scale).
+    """
+    out = []
+    for x in leaves:
+        inverse = None
+        if dtype is not None:
+            x = x.astype(jnp.promote_types(x.dtype, dtype))
+            inverse = _overflow_rescaling(dtype)[1]
+        out.append(jnp.sum(_magnitude_power(x, 2, inverse), axis=_example_axes(x)))
+    return out
+
+
+def _wide_sum(values: list[jax.Array]) -> jax.Array:
+    """The sum of equal-shaped arrays, in their widest dtype."""
+    dtype = jnp.result_type(*values)
+    return jnp.sum(jnp.stack([v.astype(dtype) for v in values]), axis=0)
+
+
+def per_example_norms(leaves: list[jax.Array], granularity: str) -> list[jax.Array]:
+    """L2 norms of every example: ``[(batch,)]`` for ``"global"``, one per leaf for ``"leaf"``.
+
+    The common path squares once; only when some example's sum overflows is the batch
+    recomputed with every value scaled by a power of two (one ``lax.cond`` for the
+    batch), as :func:`gradclip_jax.global_norm` does.
+    """
+    sums = _squared_norms(leaves)
+    if granularity == "global":
+        sums = [_wide_sum(sums)]
+
+    def rescaled(sums):
+        if granularity == "global":
+            return [_wide_sum(_squared_norms(leaves, sums[0].dtype))]
+        return [_squared_norms([x], s.dtype)[0] for x, s in zip(leaves, sums)]
+
+    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(s)) for s in sums]))
+    fixed = lax.cond(finite, lambda s: s, rescaled, sums)
+    return [_restore(s, f, 2) for s, f in zip(sums, fixed)]
+
+
+def _leaf_limits(leaves: list[jax.Array], max_norm: Any, uniform: bool) -> list[jax.Array]:
+    """Per-leaf clip norms whose squares sum to ``max_norm**2`` (McMahan et al.)."""
+    bound = jnp.asarray(max_norm, jnp.float32)
+    if uniform:
+        return [bound / math.sqrt(len(leaves))] * len(leaves)
+    sizes = [math.prod(x.shape[1:]) for x in leaves]  # parameters per example
+    total = max(sum(sizes), 1)
+    return [bound * math.sqrt(size / total) for size in sizes]
+
+
+class _Clipped(NamedTuple):
+    sums: list[jax.Array]  # per inexact leaf, the clipped sum in the accumulation dtype
+    norms: jax.Array  # (batch,) global norm of each example, before clipping
+    example_clipped: jax.Array  # (batch,) bool, the example was scaled down (any leaf)
+    leaf_clipped: list[jax.Array]  # per leaf, examples scaled down (int32); [] if global
+
+
+def _clip_and_sum(leaves, max_norm, granularity, uniform) -> _Clipped:
+    norms = per_example_norms(leaves, granularity)
+    if granularity == "global":
+        scales = [clip_scale(norms[0], max_norm)] * len(leaves)
+        total = norms[0]
+    else:
+        scales = [clip_scale(n, c) for n, c in zip(norms, _leaf_limits(leaves, max_norm, uniform))]
+        # The examples' global norms from their leaves' norms, without overflowing.
+        largest = jnp.max(jnp.stack(norms), axis=0)
+        unit = jnp.where(largest > 0, largest, 1)
+        total = largest * jnp.sqrt(_wide_sum([(n / unit) ** 2 for n in norms]))
+    sums = []
+    for x, scale in zip(leaves, scales):
+        acc = accumulation_dtype(x.dtype)
+        sums.append(
+            jnp.tensordot(
+                scale.astype(acc),
+                x.astype(jnp.promote_types(x.dtype, acc)),
+                axes=1,
+                precision=lax.Precision.HIGHEST,
+            )
+        )
+    if granularity == "global":
+        return _Clipped(sums, total, scales[0] < 1, [])
+    clipped = jnp.any(jnp.stack([s < 1 for s in scales]), axis=0)
+    return _Clipped(sums, total, clipped, [jnp.sum(s < 1).astype(jnp.int32) for s in scales])
+
+
+def _refill(tree: Any, values: list[Any]) -> Any:
+    """``tree`` with its inexact leaves replaced by ``values``, in order."""
+    flat, treedef = jax.tree.flatten(tree)
+    it = iter(values)
+    return jax.tree.unflatten(treedef, [next(it) if is_inexact(x) else x for x in flat])
+
+
+def per_example_clip(
+    per_example_grads: Any,
+    max_norm: float | jax.Array,
+    *,
+    granularity: str = "global",
+    uniform: bool = True,
+) -> tuple[Any, Any]:
+    """Clips every example's gradient to ``max_norm`` and sums over the batch.
+
+    ``granularity="global"`` (Abadi et al.): each example's whole gradient is scaled by
+    ``min(1, max_norm / ||g_i||)``; the same as ``optax.per_example_global_norm_clip``.
+
+    ``granularity="leaf"`` (McMahan et al.'s per-layer clipping): each leaf of each
+    example is clipped to its own norm ``C_l``, with ``sum_l C_l**2 = max_norm**2`` so
+    the sum's sensitivity is still ``max_norm``. ``uniform=True`` gives every one of
+    the ``K`` leaves ``C_l = max_norm / sqrt(K)``; ``uniform=False`` gives a leaf with
+    ``D_l`` of the model's ``D`` parameters (per example) ``max_norm * sqrt(D_l / D)``.
+    The same as ``optax.per_example_layer_norm_clip``.
+
+    A zero example is never counted as clipped (also with ``max_norm=0``); ``math.inf``
+    never clips. Non-finite per-example gradients propagate into the sum.
+
+    Args:
+      per_example_grads: a tree whose floating-point leaves all have the batch as their
+        leading axis. Other leaves (integer, ``None``) are returned as they are.
+      max_norm: the L2 bound of one example's gradient, ``>= 0``.
+      granularity: ``"global"`` or ``"leaf"``.
+      uniform: with ``granularity="leaf"``, how ``max_norm`` is split among the leaves
+        (see above); ignored for ``"global"``.
+
+    Returns:
+      ``(clipped_sum, clipped_count)``: the sum over the batch of the clipped
+      gradients, a tree like one example's gradient (in the leaves' dtypes), and the
+      number of examples scaled down: an int32 scalar for ``"global"``, a tree of
+      int32 scalars (one per leaf, ``None`` for other leaves) for ``"leaf"``.
+
+    References:
+      Abadi et al., `Deep Learning with Differential Privacy
+      <https://arxiv.org/abs/1607.00133>`_, 2016
+
+      McMahan et al., `Learning Differentially Private Recurrent Language Models
+      <https://arxiv.org/abs/1710.06963>`_, 2017
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import gradclip_jax
+      >>> grads = {"w": jnp.array([[0.0, 0.0], [3.0, 4.0], [0.3, 0.4]])}  # 3 examples
+      >>> total, count = gradclip_jax.per_example_clip(grads, 1.0)
+      >>> print(total["w"], count)  # (0, 0) + (0.6, 0.8) + (0.3, 0.4)
+      [0.90000004 1.2       ] 1
+      >>> grads = {"a": jnp.array([[3.0, 4.0]]), "b": jnp.array([[0.1]])}
+      >>> total, counts = gradclip_jax.per_example_clip(grads, 1.0, granularity="leaf")
+      >>> print(f"{gradclip_jax.global_norm(total['a']):.4f}", counts)  # C_l = 1 / sqrt(2)
+      0.7071 {'a': Array(1, dtype=int32), 'b': Array(0, dtype=int32)}
+    """
+    fn = "per_example_clip"
+    check_threshold(fn, "max_norm", max_norm)
+    check_choice(fn, "granularity", granularity, _GRANULARITIES)
+    leaves = [x for x in jax.tree.leaves(per_example_grads) if is_inexact(x)]
+    _batch_size(fn, per_example_grads, leaves)
+    clipped = _clip_and_sum(leaves, max_norm, granularity, uniform)
+    sums = [s.astype(x.dtype) for s, x in zip(clipped.sums, leaves)]
+    total = _refill(per_example_grads, sums)
+    if granularity == "global":
+        return total, jnp.sum(clipped.example_clipped).astype(jnp.int32)
+    flat, treedef = jax.tree.flatten(per_example_grads, is_leaf=lambda x: x is None)
+    counts = iter(clipped.leaf_clipped)
+    return total, jax.tree.unflatten(
+        treedef, [next(counts) if is_inexact(x) else None for x in flat]
+    )
+
+
+# -------------------------------------------------------------------- DP aggregation
+
+
+class DPAggregateState(NamedTuple):
+    """State of :func:`dp_aggregate`."""
+
+    rng_key: jax.Array  # uint32 key data (uint32[2] for the default PRNG) of the next step
+    rule_state: Any  # rules.QuantileState (adaptive clip norm), or () for a fixed one
+    stats: ClipStats
+
+
+def _quantile_step(rule: rules.Quantile, threshold: jax.Array, unclipped: jax.Array):
+    """Andrew et al.'s geometric update ``C <- C exp(-lr (b - target))``, with ``b`` the
+    (noised) unclipped fraction; :meth:`rules.Quantile.advance` with a fraction for the
+    0/1 indicator, kept within float32's normal range as there."""
+    lr = jnp.asarray(rule.learning_rate, jnp.float32)
+    target = jnp.asarray(rule.target, jnp.float32)
+    finfo = jnp.finfo(jnp.float32)
+    return jnp.clip(threshold * jnp.exp(-lr * (unclipped - target)), finfo.tiny, finfo.max)
+
+
+def record_noise_multiplier(noise_multiplier: Any, count_stddev: Any) -> jax.Array:
+    """The noise multiplier of the clipped sum that keeps the total at ``noise_multiplier``.
+
+    Andrew et al. (2021), Theorem 1: a step releasing the clipped sum with noise
+    multiplier ``z_r`` and the unclipped count with noise of standard deviation
+    ``sigma_b`` costs as much privacy as one Gaussian sum query with noise multiplier
+    ``z = (z_r**-2 + (2 sigma_b)**-2)**-1/2``: the count adds ``b_i - 1/2``, in
+    ``{-1/2, 1/2}``, so its noise multiplier is ``2 sigma_b`` (with fixed-size batches,
+    as here, the shift by 1/2 does not change the released fraction). Solved for
+    ``z_r``: ``(z**-2 - (2 sigma_b)**-2)**-1/2``, the formula of TensorFlow Federated's
+    adaptive clipping too; 0 when ``z == 0``; NaN (so the update is NaN) when
+    ``2 sigma_b <= z``, where no ``z_r`` exists.
+    """
+    z = jnp.asarray(noise_multiplier, jnp.float32)
+    count = 2 * jnp.asarray(count_stddev, jnp.float32)
+    positive = z > 0
+    z_safe = jnp.where(positive, z, 1)
+    # 1 / (2 sigma_b)**2 is 0 for an infinite count noise and inf for none.
+    remaining = z_safe**-2 - jnp.where(count > 0, 1 / jnp.where(count > 0, count, 1) ** 2, jnp.inf)
+    return jnp.where(positive, jnp.where(remaining > 0, lax.rsqrt(remaining), jnp.nan), 0)
+
+
+def _key_data(seed: Any) -> jax.Array:
+    """The key data of an integer seed or of a (typed or raw) PRNG key."""
+    if hasattr(seed, "dtype") and jnp.issubdtype(seed.dtype, jax.dtypes.prng_key):
+        return jax.random.key_data(seed)
+    seed = jnp.asarray(seed)
+    if seed.ndim:  # raw key data, as from jax.random.PRNGKey
+        return seed.astype(jnp.uint32)
+    return jax.random.key_data(jax.random.key(seed))
+
+
+def _gaussian(key: jax.Array, like: jax.Array) -> jax.Array:
+    """Standard normal noise shaped like ``like``; complex: each part has variance 1."""
+    noise = jax.random.normal(key, like.shape, like.dtype)
+    # jax draws complex normals with variance 1/2 per part; DP needs the full variance
+    # on each real coordinate.
+    return noise * math.sqrt(2) if jnp.iscomplexobj(like) else noise
+
+
+def dp_aggregate(
+    max_norm: float | jax.Array | rules.Quantile | None = None,
+    noise_multiplier: float | jax.Array = 1.0,
+    seed: int | jax.Array = 0,
+    *,
+    granularity: str = "global",
+    uniform: bool = True,
+    clipped_count_stddev: float | jax.Array | None = None,
+    axis_name: Any = None,
+) -> optax.GradientTransformation:
+    """DP-SGD's aggregation: clip each example, sum, add Gaussian noise, average.
+
+    The update receives per-example gradients (batch leading, see the module
+    documentation) and returns the noised *mean* over the batch, like optax's
+    ``contrib.differentially_private_aggregate``:
+    ``(sum_i clip(g_i) + N(0, (z_r C)^2)) / batch``, one example's shape per leaf.
+    The batch size is the leading axis (times the devices along ``axis_name``), treated
+    as public, as with fixed-size batches. Put it first in a chain; ``MultiSteps`` or
+    ``apply_every`` around it would average noised means, not clip per example.
+
+    The clip norm ``C`` is either fixed (``max_norm`` a number; ``z_r`` is then
+    ``noise_multiplier``) or adaptive (a :func:`gradclip_jax.rules.quantile` rule, or
+    ``None`` for Andrew et al.'s defaults ``rules.quantile(target=0.5,
+    learning_rate=0.2, initial=0.1)``). Adaptive: after each step,
+    ``C <- C * exp(-learning_rate * (b - target))`` where ``b`` is the fraction of
+    examples with norm ``<= C``, counted with Gaussian noise of standard deviation
+    ``clipped_count_stddev``. Releasing that count costs privacy too, so the sum's noise
+    multiplier is raised to ``z_r = (z**-2 - (2 sigma_b)**-2)**-1/2`` and the whole step
+    costs exactly what one Gaussian query with ``noise_multiplier`` ``z`` costs: account
+    for privacy with ``z`` as usual.
+
+    With ``granularity="leaf"`` each leaf has its own clip norm ``C_l`` as in
+    :func:`per_example_clip` (``sum_l C_l**2 = C**2``, so the noise is unchanged);
+    adaptive ``C`` then tracks the quantile of the examples' global norms.
+
+    Statistics (:class:`~gradclip_jax.ClipStats`): ``norm`` is the mean per-example
+    norm before clipping, ``threshold`` the ``C`` used, ``clipped_norm`` the global norm
+    of the released (noised) update, ``clipped`` the fraction of examples scaled down
+    and ``clip_count`` the steps where any was. ``norm`` and ``clipped`` are computed
+    from the raw batch and are **not** differentially private: use them to debug, do
+    not publish them. ``threshold`` and ``clipped_norm`` are (post-processing of the
+    noised outputs).
+
+    Args:
+      max_norm: a fixed clip norm ``>= 0``, a :class:`gradclip_jax.rules.Quantile` rule
+        for an adaptive one, or ``None`` (default) for the adaptive defaults above.
+      noise_multiplier: ``z >= 0``, the noise's standard deviation over the clip norm
+        for the whole step; 0 adds no noise anywhere (no privacy).
+      seed: an integer seed or a JAX PRNG key; the key is carried in the state. Under
+        ``axis_name`` every device must use the same one: the noise is added once to
+        the sum over devices.
+      granularity: ``"global"`` (one norm per example) or ``"leaf"`` (per leaf).
+      uniform: with ``granularity="leaf"``, equal clip norms per leaf (``True``) or in
+        proportion to the square root of the leaf's size (``False``).
+      clipped_count_stddev: adaptive only: ``sigma_b``, the noise on the unclipped count;
+        ``None`` for Andrew et al.'s ``batch / 20`` (0 when ``noise_multiplier`` is 0).
+        It must exceed ``noise_multiplier / 2``: smaller makes the count alone cost more
+        than the budget (an error where the values are known when tracing; a NaN update
+        when they are traced, e.g. injected).
+      axis_name: under ``shard_map`` / ``pmap`` with the batch split over devices, the
+        mapped axis name: clipped sums and counts are summed across it, and every
+        device gets the same update.
+
+    Returns:
+      An ``optax.GradientTransformation`` whose state is a :class:`DPAggregateState`.
+
+    References:
+      Abadi et al., `Deep Learning with Differential Privacy
+      <https://arxiv.org/abs/1607.00133>`_, 2016
+
+      Andrew et al., `Differentially Private Learning with Adaptive Clipping
+      <https://arxiv.org/abs/1905.03871>`_, 2021
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, optax
+      >>> import gradclip_jax
+      >>> dp = gradclip_jax.dp_aggregate(None, noise_multiplier=1.1, seed=0)
+      >>> tx = optax.chain(dp, optax.sgd(0.1))
+      >>> params = {"w": jnp.zeros(3)}
+      >>> state = tx.init(params)
+      >>> per_example = {"w": jnp.ones((64, 3))}  # 64 examples of norm sqrt(3) > C = 0.1
+      >>> update = jax.jit(tx.update)
+      >>> for _ in range(10):
+      ...     updates, state = update(per_example, state, params)
+      >>> logs = gradclip_jax.stats(state)
+      >>> print(f"{logs['dp_aggregate/clipped']:.1f}")  # every example was clipped
+      1.0
+      >>> print(f"{logs['dp_aggregate/threshold']:.1f}")  # C grows ~exp(0.1) a step: 0.1 e^0.9
+      0.2
+
+      Without noise the clip norm follows the quantile update exactly:
+
+      >>> tx = gradclip_jax.dp_aggregate(None, noise_multiplier=0.0)
+      >>> state = tx.init(params)
+      >>> for _ in range(3):
+      ...     updates, state = tx.update(per_example, state)
+      >>> print(f"{gradclip_jax.stats(state)['dp_aggregate/threshold']:.4f}")  # 0.1 e^0.2
+      0.1221
+      >>> print(f"{updates['w'][0]:.4f}")  # the mean clipped gradient, C / sqrt(3)
+      0.0705
+    """
+    fn = "dp_aggregate"
+    if max_norm is None:
+        rule = _ANDREW_DEFAULTS
+    elif isinstance(max_norm, rules.Quantile):
+        rule = max_norm.validate(fn)
+    elif hasattr(max_norm, "init") and hasattr(max_norm, "advance"):
+        raise ValueError(
+            f"{fn}: an adaptive clip norm must be a rules.quantile rule; got {max_norm!r}. "
+            "Its update reads only a noised count, which the privacy analysis of Andrew et "
+            "al. covers; other rules read the norms themselves and would leak them."
+        )
+    else:
+        rule = None
+        check_threshold(fn, "max_norm", max_norm)
+    check_range(fn, "noise_multiplier", noise_multiplier)
+    check_choice(fn, "granularity", granularity, _GRANULARITIES)
+    if clipped_count_stddev is not None:
+        check_range(fn, "clipped_count_stddev", clipped_count_stddev)
+    adaptive = rule is not None
+    typed_key = hasattr(seed, "dtype") and jnp.issubdtype(seed.dtype, jax.dtypes.prng_key)
+    impl = {"impl": jax.random.key_impl(seed)} if typed_key else {}
+
+    def init_fn(params):
+        del params
+        rule_state = rule.init() if adaptive else ()
+        return DPAggregateState(_key_data(seed), rule_state, ClipStats.initial())
+
+    def count_stddev(batch: int) -> Any:
+        if clipped_count_stddev is not None:
+            stddev = clipped_count_stddev
+        elif is_tracer(noise_multiplier):
+            return jnp.where(noise_multiplier > 0, batch * _COUNT_STDDEV_PER_EXAMPLE, 0.0)
+        else:
+            stddev = batch * _COUNT_STDDEV_PER_EXAMPLE if noise_multiplier > 0 else 0.0
+        concrete = not (is_tracer(stddev) or is_tracer(noise_multiplier))
+        if concrete and noise_multiplier > 0 and not 2 * np.asarray(stddev) > noise_multiplier:
+            raise ValueError(
+                f"{fn}: clipped_count_stddev = {float(stddev):g} (default batch / 20 = "
+                f"{batch}/20) must exceed noise_multiplier / 2 = {noise_multiplier / 2:g}: "
+                "with less noise the count alone would cost more privacy than the budget. "
+                "Use larger batches, a larger clipped_count_stddev or a smaller "
+                "noise_multiplier."
+            )
+        return stddev
+
+    def update_fn(updates, state, params=None):
+        del params
+        leaves = [x for x in jax.tree.leaves(updates) if is_inexact(x)]
+        batch = _batch_size(fn, updates, leaves)
+        if axis_name is not None:
+            batch = batch * lax.psum(1, axis_name)
+        clip_norm = state.rule_state.threshold if adaptive else jnp.asarray(max_norm, jnp.float32)
+        clipped = _clip_and_sum(leaves, clip_norm, granularity, uniform)
+        unclipped = jnp.sum(clipped.norms <= clip_norm).astype(jnp.float32)
+        totals = (
+            clipped.sums,
+            jnp.sum(clipped.example_clipped).astype(jnp.float32),
+            unclipped,
+            jnp.sum(clipped.norms),
+        )
+        if axis_name is not None:
+            totals = lax.psum(totals, axis_name)
+        sums, clipped_count, unclipped, norm_sum = totals
+
+        key = jax.random.wrap_key_data(state.rng_key, **impl)
+        new_key, *keys = jax.random.split(key, len(leaves) + 1 + adaptive)
+        if adaptive:
+            stddev = count_stddev(batch)
+            multiplier = record_noise_multiplier(noise_multiplier, stddev)
+        else:
+            multiplier = jnp.asarray(noise_multiplier, jnp.float32)
+        noise_std = multiplier * clip_norm
+        noised = [
+            ((s + noise_std.astype(s.real.dtype) * _gaussian(k, s)) / batch).astype(x.dtype)
+            for s, k, x in zip(sums, keys, leaves)
+        ]
+        out = _refill(updates, noised)
+
+        rule_state = state.rule_state
+        if adaptive:
+            count_noise = jnp.asarray(stddev, jnp.float32) * jax.random.normal(keys[-1], ())
+            fraction = (unclipped + count_noise) / batch
+            rule_state = rules.QuantileState(_quantile_step(rule, clip_norm, fraction))
+        stats = state.stats.advance(
+            norm_sum / batch, clip_norm, global_norm(out), clipped_count / batch
+        )
+        return out, DPAggregateState(jax.random.key_data(new_key), rule_state, stats)
+
+    return optax.GradientTransformation(init_fn, update_fn)
