@@ -5,7 +5,36 @@ Every strategy is an ``optax.GradientTransformation`` that composes with
 with :func:`stats`) and never corrupts a step with bad numerics.
 """
 
+from gradclip_jax import rules
+from gradclip_jax._adaptive import (
+    AdagcState,
+    AdaptiveClipState,
+    AutoclipState,
+    QuantileClipState,
+    ZclipState,
+    adagc,
+    adaptive_clip,
+    autoclip,
+    quantile_clip,
+    zclip,
+)
+from gradclip_jax._diagnostics import (
+    GradientHealth,
+    gradient_health,
+    health_report,
+    hidden_state_gradient_norms,
+)
+from gradclip_jax._guards import (
+    OnNonfiniteState,
+    OnNonfiniteStats,
+    SkipOnSpikeState,
+    SkipOnSpikeStats,
+    on_nonfinite,
+    skip_on_spike,
+)
 from gradclip_jax._norms import global_norm, leaf_norms, unit_axes, unitwise_norms
+from gradclip_jax._per_example import DPAggregateState, dp_aggregate, per_example_clip
+from gradclip_jax._probe import NormProbe, probe_norms
 from gradclip_jax._static import (
     ClipByBlockRMSState,
     ClipByGlobalNormState,
@@ -23,19 +52,45 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AGCState",
+    "AdagcState",
+    "AdaptiveClipState",
+    "AutoclipState",
     "ClipByBlockRMSState",
     "ClipByGlobalNormState",
     "ClipByLeafNormState",
     "ClipByValueState",
     "ClipStats",
+    "DPAggregateState",
+    "GradientHealth",
+    "NormProbe",
+    "OnNonfiniteState",
+    "OnNonfiniteStats",
+    "QuantileClipState",
+    "SkipOnSpikeState",
+    "SkipOnSpikeStats",
+    "ZclipState",
+    "adagc",
+    "adaptive_clip",
     "agc",
+    "autoclip",
     "clip_by_block_rms",
     "clip_by_global_norm",
     "clip_by_leaf_norm",
     "clip_by_value",
+    "dp_aggregate",
     "global_norm",
+    "gradient_health",
+    "health_report",
+    "hidden_state_gradient_norms",
     "leaf_norms",
+    "on_nonfinite",
+    "per_example_clip",
+    "probe_norms",
+    "quantile_clip",
+    "rules",
+    "skip_on_spike",
     "stats",
     "unit_axes",
     "unitwise_norms",
+    "zclip",
 ]
