@@ -163,9 +163,9 @@ def _entries(vector: jax.Array) -> list[jax.Array]:
     return entries[:n]
 
 
-def _clip_leaves(fn, rule, rule_state, updates):
+def _clip_leaves(fn, rule, rule_state, updates, axis_name):
     leaves, treedef = jax.tree.flatten(updates)
-    norms = jax.tree.leaves(leaf_norms(updates))
+    norms = jax.tree.leaves(leaf_norms(updates, axis_name=axis_name))
     state_leaves = jax.tree.leaves(rule_state)
     expected = state_leaves[0].shape[0] if state_leaves else len(norms)
     if len(norms) != expected:
@@ -202,11 +202,6 @@ def _adaptive(
     """``adaptive_clip`` with the state class (and so the stats key) of a named strategy."""
     _check_rule(fn, rule)
     check_choice(fn, "granularity", granularity, _GRANULARITIES)
-    if granularity == "leaf" and axis_name is not None:
-        raise ValueError(
-            f"{fn}: `axis_name` applies to granularity='global' only (a leaf's norm needs "
-            f"no collective); got axis_name={axis_name!r} with granularity='leaf'."
-        )
 
     def init_fn(params):
         rule_state = _initial_rule_state(fn, rule)
@@ -222,7 +217,9 @@ def _adaptive(
                 fn, rule, state.rule_state, updates, axis_name
             )
         else:
-            updates, rule_state, measured = _clip_leaves(fn, rule, state.rule_state, updates)
+            updates, rule_state, measured = _clip_leaves(
+                fn, rule, state.rule_state, updates, axis_name
+            )
         return updates, state_class(rule_state=rule_state, stats=state.stats.advance(*measured))
 
     return optax.GradientTransformation(init_fn, update_fn)
@@ -269,8 +266,9 @@ def adaptive_clip(
       granularity: ``"global"`` (one norm for the whole update) or ``"leaf"`` (one
         norm and one rule state per inexact leaf).
       axis_name: under ``shard_map`` / ``pmap`` with the tree split across devices, the
-        mapped axis name, so that the global norm is that of the whole tree
-        (``granularity="global"`` only).
+        mapped axis name, so that the norms are those of the whole tree (with
+        ``granularity="leaf"``, every leaf must be split across the axis: each leaf's
+        partial sums are combined). See ``docs/multi_device.md``.
 
     Returns:
       An ``optax.GradientTransformation`` whose state is an
@@ -390,6 +388,8 @@ def adagc(
     relative: float | jax.Array = 1.05,
     decay: float | jax.Array = 0.98,
     warmup_steps: int | jax.Array = 100,
+    *,
+    axis_name: Any = None,
 ) -> optax.GradientTransformation:
     """AdaGC: per-tensor clipping relative to an EMA of each tensor's clipped norms.
 
@@ -403,6 +403,8 @@ def adagc(
       relative: the multiple of a leaf's EMA allowed after warm-up, ``> 0``.
       decay: the EMA decay, in [0, 1].
       warmup_steps: the number of global-clipping steps, ``>= 0``.
+      axis_name: mapped axis name under ``shard_map`` / ``pmap`` when every leaf is
+        split across devices (see :func:`adaptive_clip`).
 
     Returns:
       An ``optax.GradientTransformation`` whose state is an :class:`AdagcState`; its
@@ -426,7 +428,7 @@ def adagc(
       0.5 0.42
     """
     rule = rules.AdaGC(abs_max, relative, decay, warmup_steps).validate("adagc")
-    return _adaptive("adagc", AdagcState, rule, "leaf", None)
+    return _adaptive("adagc", AdagcState, rule, "leaf", axis_name)
 
 
 def quantile_clip(

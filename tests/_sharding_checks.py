@@ -88,9 +88,9 @@ Makers = dict[str, Callable[[], optax.GradientTransformation]]
 def clippers(axis: Any = None, *, with_params: bool = True) -> Makers:
     """Every clipper, with settings that clip and move their state within five steps.
 
-    Every clipper with an ``axis_name`` gets ``axis`` (pattern (b2)). ``agc`` and
-    ``adagc`` have none (see docs/multi_device.md); they join only when ``axis`` is
-    ``None`` and ``with_params``.
+    Every clipper with an ``axis_name`` gets ``axis`` (pattern (b2)). ``agc`` has
+    none (see docs/multi_device.md); it joins only when ``axis`` is ``None`` and
+    ``with_params``.
     """
     zscore = rules.zscore(warmup_steps=2, max_norm=None)
     named = {
@@ -99,6 +99,8 @@ def clippers(axis: Any = None, *, with_params: bool = True) -> Makers:
         "clip_by_leaf_norm": lambda **a: gc.clip_by_leaf_norm(3.0, **a),
         "clip_by_block_rms": lambda **a: gc.clip_by_block_rms(0.05, **a),
         "adaptive_clip": lambda **a: gc.adaptive_clip(zscore, **a),
+        "adaptive_clip_leaf": lambda **a: gc.adaptive_clip(zscore, granularity="leaf", **a),
+        "adagc": lambda **a: gc.adagc(warmup_steps=1, **a),
         "autoclip": lambda **a: gc.autoclip(p=50.0, history=4, **a),
         "zclip": lambda **a: gc.zclip(warmup_steps=2, max_norm=10.0, **a),
         "quantile_clip": lambda **a: gc.quantile_clip(initial=1.0, **a),
@@ -111,7 +113,6 @@ def clippers(axis: Any = None, *, with_params: bool = True) -> Makers:
     makers: Makers = {name: (lambda f=f: f(**extra)) for name, f in named.items()}
     if axis is None and with_params:
         makers["agc"] = lambda: gc.agc(0.01)
-        makers["adagc"] = lambda: gc.adagc(warmup_steps=1)
     return makers
 
 

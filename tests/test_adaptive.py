@@ -329,11 +329,6 @@ def test_global_norm_across_a_mapped_axis():
         (gradclip_jax.adagc, {"relative": -1.0}, "adagc: `relative` must lie in (0.0, inf]"),
         (gradclip_jax.quantile_clip, {"target": 2.0}, "quantile_clip: `target` must lie in"),
         (gradclip_jax.adaptive_clip, {"granularity": "unit"}, "adaptive_clip: `granularity`"),
-        (
-            gradclip_jax.adaptive_clip,
-            {"granularity": "leaf", "axis_name": "i"},
-            "adaptive_clip: `axis_name` applies to granularity='global' only",
-        ),
     ],
 )
 def test_invalid_arguments_raise_with_the_function_name(factory, kwargs, message):

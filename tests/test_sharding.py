@@ -32,6 +32,7 @@ CLIPPERS = {
     "clip_by_block_rms",
     "agc",
     "adaptive_clip",
+    "adaptive_clip_leaf",
     "autoclip",
     "zclip",
     "adagc",
@@ -40,7 +41,7 @@ CLIPPERS = {
     "on_nonfinite",
 }
 # The ones with an axis_name, checked with it under shard_map on split gradients.
-WITH_AXIS_NAME = CLIPPERS - {"agc", "adagc"}
+WITH_AXIS_NAME = CLIPPERS - {"agc"}
 
 
 def _run(args, timeout):
