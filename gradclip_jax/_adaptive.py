@@ -12,10 +12,10 @@ import optax
 from gradclip_jax import rules
 from gradclip_jax._core import Measured, check_choice, clip_scale, scale_leaf, scale_tree
 from gradclip_jax._norms import (
-    combine_norms,
     global_norm,
     is_inexact,
     leaf_norms,
+    norm_of_norms,
     stack_scalars,
 )
 from gradclip_jax._stats import ClipStats
@@ -178,7 +178,7 @@ def _clip_leaves(fn, rule, rule_state, updates, axis_name):
         zero = jnp.zeros((), jnp.float32)
         return updates, rule_state, Measured(zero, zero, zero, zero)
     norms = stack_scalars(norms)
-    total = combine_norms([norms])
+    total = norm_of_norms(norms)
     finite = jnp.isfinite(total)
 
     def threshold(state, norm):
@@ -191,7 +191,7 @@ def _clip_leaves(fn, rule, rule_state, updates, axis_name):
     per_leaf = iter(_entries(scales))
     out = [scale_leaf(x, next(per_leaf)) if is_inexact(x) else x for x in leaves]
     measured = Measured(
-        total, jnp.max(thresholds), combine_norms([norms * scales]), jnp.mean(scales < 1)
+        total, jnp.max(thresholds), norm_of_norms(norms * scales), jnp.mean(scales < 1)
     )
     return jax.tree.unflatten(treedef, out), _absorbed(rule_state, advanced, finite), measured
 

@@ -471,10 +471,3 @@ def norm_of_norms(norms: jax.Array, ord: float = 2) -> jax.Array:
     total = jnp.sum(norms * norms)
     _, inverse = _overflow_rescaling(norms.dtype)
     return _restore(total, jnp.sum((norms * inverse) ** 2), 2)
-
-
-def combine_norms(norms: Sequence[jax.Array], ord: float = 2) -> jax.Array:
-    """The norm of a tree from the norms of its parts (arrays of any shapes)."""
-    if not norms:
-        return jnp.zeros((), jnp.float32)
-    return norm_of_norms(stack_scalars(norms), ord)

@@ -252,16 +252,6 @@ class DPAggregateState(NamedTuple):
     stats: ClipStats
 
 
-def _quantile_step(rule: rules.Quantile, threshold: jax.Array, unclipped: jax.Array):
-    """Andrew et al.'s geometric update ``C <- C exp(-lr (b - target))``, with ``b`` the
-    (noised) unclipped fraction; :meth:`rules.Quantile.advance` with a fraction for the
-    0/1 indicator, kept within float32's normal range as there."""
-    lr = jnp.asarray(rule.learning_rate, jnp.float32)
-    target = jnp.asarray(rule.target, jnp.float32)
-    finfo = jnp.finfo(jnp.float32)
-    return jnp.clip(threshold * jnp.exp(-lr * (unclipped - target)), finfo.tiny, finfo.max)
-
-
 def record_noise_multiplier(noise_multiplier: Any, count_stddev: Any) -> jax.Array:
     """The noise multiplier of the clipped sum that keeps the total at ``noise_multiplier``.
 
@@ -485,7 +475,7 @@ def dp_aggregate(
         if adaptive:
             count_noise = jnp.asarray(stddev, jnp.float32) * jax.random.normal(keys[-1], ())
             fraction = (unclipped + count_noise) / batch
-            rule_state = rules.QuantileState(_quantile_step(rule, clip_norm, fraction))
+            rule_state = rules.QuantileState(rule.step(clip_norm, fraction))
         stats = state.stats.advance(
             norm_sum / batch, clip_norm, global_norm(out), clipped_count / batch
         )

@@ -501,10 +501,18 @@ class Quantile:
     ) -> QuantileState:
         del global_norm
         below = (norm <= state.threshold).astype(jnp.float32)
-        step = jnp.exp(-_f32(self.learning_rate) * (below - _f32(self.target)))
+        return QuantileState(self.step(state.threshold, below))
+
+    def step(self, threshold: jax.Array, unclipped: jax.Array) -> jax.Array:
+        """Andrew et al.'s update ``C * exp(-lr * (b - target))``.
+
+        ``b`` is the unclipped indicator (0 or 1), or a fraction of unclipped examples
+        (possibly noised, as in DP aggregation).
+        """
+        step = jnp.exp(-_f32(self.learning_rate) * (unclipped - _f32(self.target)))
         # Keep the estimate a normal positive float: from 0 or inf it could never return.
         finfo = jnp.finfo(jnp.float32)
-        return QuantileState(jnp.clip(state.threshold * step, finfo.tiny, finfo.max))
+        return jnp.clip(threshold * step, finfo.tiny, finfo.max)
 
 
 def quantile(
