@@ -231,7 +231,40 @@ def test_nan_gradients_propagate_by_default():
     grads = {"w": jnp.array([jnp.nan, 1.0]), "b": jnp.array([1.0])}
     tx = gradclip_jax.clip_by_global_norm(1.0)
     out, state = tx.update(grads, tx.init(grads))
-    assert np.isnan(out["w"][0]) and np.isnan(state.stats.norm)
+    assert np.isnan(state.stats.norm)
+    chex.assert_trees_all_equal(out, grads)  # the NaN stays in place, nothing else changes
+    optax_out, _ = optax.clip_by_global_norm(1.0).update(grads, None)
+    assert all(np.isnan(leaf).all() for leaf in optax_out.values())  # optax: every leaf NaN
+
+
+def test_inf_entry_gives_nan_there_and_zeros_elsewhere_like_optax():
+    grads = {"w": jnp.array([jnp.inf, 1.0]), "b": jnp.array([1.0])}
+    tx = gradclip_jax.clip_by_global_norm(1.0)
+    out, state = tx.update(grads, tx.init(grads))
+    assert np.isinf(state.stats.norm)
+    optax_out, _ = optax.clip_by_global_norm(1.0).update(grads, None)
+    for leaves in (out, optax_out):
+        np.testing.assert_array_equal(leaves["w"], [np.nan, 0.0])
+        np.testing.assert_array_equal(leaves["b"], [0.0])
+
+
+def test_float16_norm_beyond_float16_range_clips():
+    grads = {"w": jnp.full((1000,), 3000.0, jnp.float16)}  # norm 94868 > 65504
+    tx = gradclip_jax.clip_by_global_norm(1.0)
+    out, state = tx.update(grads, tx.init(grads))
+    np.testing.assert_allclose(state.stats.norm, 3000.0 * math.sqrt(1000), rtol=1e-3)
+    np.testing.assert_allclose(gradclip_jax.global_norm(out), 1.0, rtol=2e-3)
+    optax_out, _ = optax.clip_by_global_norm(1.0).update(grads, None)
+    assert not np.any(np.asarray(optax_out["w"], np.float32))  # what optax does: zeros
+
+
+def test_complex_leaves_equal_optax():
+    grads = {"w": jnp.array([3 + 4j, 1 - 2j, 0j], jnp.complex64)}
+    tx = gradclip_jax.clip_by_global_norm(1.0)
+    out, state = tx.update(grads, tx.init(grads))
+    np.testing.assert_allclose(state.stats.norm, math.sqrt(30), rtol=1e-6)
+    optax_out, _ = optax.clip_by_global_norm(1.0).update(grads, None)
+    np.testing.assert_allclose(out["w"], optax_out["w"], rtol=1e-6)
 
 
 def test_integer_and_none_leaves_pass_through():
@@ -241,6 +274,8 @@ def test_integer_and_none_leaves_pass_through():
         out, _ = tx.update(grads, tx.init(grads))
         assert out["n"] is None
         chex.assert_trees_all_equal(out["i"], grads["i"])
+    with pytest.raises(TypeError):  # optax's clip_by_global_norm cannot take them
+        optax.clip_by_global_norm(1.0).update({"f": grads["f"], "i": grads["i"]}, None)
 
 
 def test_clip_by_value_keeps_complex_phase():
