@@ -130,6 +130,26 @@ def test_non_finite_entries_are_reported():
     assert np.isnan(gradclip_jax.global_norm(jnp.array([jnp.inf, jnp.nan])))
 
 
+@pytest.mark.parametrize("size", [10, 100_000])  # XLA's CPU max drops NaN from 10,000 on
+@pytest.mark.parametrize("ord", ORDS)
+@pytest.mark.parametrize(
+    ("bad", "expected"),
+    [([jnp.nan], np.nan), ([jnp.inf], np.inf), ([-jnp.inf], np.inf), ([jnp.inf, jnp.nan], np.nan)],
+)
+def test_non_finite_entries_of_large_leaves_are_reported(size, ord, bad, expected):
+    leaf = jnp.ones(size).at[size // 2 : size // 2 + len(bad)].set(jnp.array(bad))
+    tree = {"leaf": leaf, "other": jnp.ones(3)}
+    norm = jax.jit(lambda t: gradclip_jax.global_norm(t, ord))(tree)
+    per_leaf = jax.jit(lambda t: gradclip_jax.leaf_norms(t, ord))(tree)
+    np.testing.assert_equal(float(norm), expected)
+    np.testing.assert_equal(float(per_leaf["leaf"]), expected)
+    np.testing.assert_allclose(per_leaf["other"], np.linalg.norm(np.ones(3), ord))
+    if ord == math.inf:  # clip_by_value reports the largest magnitude
+        tx = gradclip_jax.clip_by_value(0.5)
+        _, state = jax.jit(tx.update)(tree, tx.init(tree))
+        np.testing.assert_equal(float(state.stats.norm), expected)
+
+
 def test_float64_leaves_accumulate_in_float64():
     with jax.enable_x64(True):
         x = jnp.array([1e200, 1.0], jnp.float64)
