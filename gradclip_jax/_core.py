@@ -23,11 +23,17 @@ def _concrete(fn: str, arg: str, value: Any) -> np.ndarray | None:
         array = np.asarray(value)
     except (TypeError, ValueError):
         array = None
-    if array is None or array.dtype == bool or not np.issubdtype(array.dtype, np.number):
+    # jnp.issubdtype knows bfloat16 and the other ml_dtypes, which NumPy does not count
+    # as numbers: optax.inject_hyperparams hands bfloat16 values to a bfloat16 model.
+    if array is None or array.dtype == bool or not jnp.issubdtype(array.dtype, jnp.number):
         raise ValueError(f"{fn}: `{arg}` must be a real number or array; got {value!r}.")
-    if np.iscomplexobj(array):
-        raise ValueError(f"{fn}: `{arg}` must be real; got the complex value {value!r}.")
-    return array
+    if jnp.issubdtype(array.dtype, jnp.complexfloating):
+        raise ValueError(
+            f"{fn}: `{arg}` must be real; got the complex value {value!r}. "
+            "optax.inject_hyperparams casts hyperparameters to the parameters' dtype: with "
+            "complex parameters, pass hyperparam_dtype=jnp.float32 to it."
+        )
+    return array.astype(np.float64) if array.dtype.itemsize < 4 else array
 
 
 def check_range(

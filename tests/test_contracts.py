@@ -74,6 +74,47 @@ def test_inject_hyperparams_threshold_changes_between_jitted_steps(name):
     assert int(logs[f"{name}/clip_count"]) >= 1
 
 
+# Every factory whose numeric arguments optax.inject_hyperparams can inject.
+INJECTABLE = {
+    **{name: (factory, {arg: low}) for name, (factory, arg, (low, _)) in FACTORIES.items()},
+    "adaptive_clip": (gradclip_jax.adaptive_clip, {}),
+    "autoclip": (gradclip_jax.autoclip, {}),
+    "zclip": (gradclip_jax.zclip, {}),
+    "adagc": (gradclip_jax.adagc, {}),
+    "quantile_clip": (gradclip_jax.quantile_clip, {}),
+}
+
+
+def _cast_run(tx, dtype, steps=2):
+    params = jax.tree.map(lambda p: (p + 1).astype(dtype), PARAMS)
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    for step in range(steps):
+        grads = jax.tree.map(lambda p, s=3.0 + step: p * s, params)
+        updates, state = update(grads, state, params)
+        chex.assert_trees_all_equal_shapes_and_dtypes(updates, params)
+        chex.assert_tree_all_finite(updates)
+    return state
+
+
+@pytest.mark.parametrize("name", INJECTABLE)
+def test_inject_hyperparams_with_bfloat16_parameters(name):
+    # inject_hyperparams casts float hyperparameters to the parameters' dtype.
+    factory, kwargs = INJECTABLE[name]
+    state = _cast_run(optax.inject_hyperparams(factory)(**kwargs), jnp.bfloat16)
+    assert all(v.dtype in (jnp.bfloat16, jnp.int32) for v in jax.tree.leaves(state.hyperparams))
+
+
+@pytest.mark.parametrize("name", INJECTABLE)
+def test_inject_hyperparams_with_complex_parameters_asks_for_a_real_dtype(name):
+    factory, kwargs = INJECTABLE[name]
+    if name != "adaptive_clip":  # it has no numeric argument to inject
+        with pytest.raises(ValueError, match=r"real.*hyperparam_dtype=jnp.float32"):
+            _cast_run(optax.inject_hyperparams(factory)(**kwargs), jnp.complex64)
+    tx = optax.inject_hyperparams(factory, hyperparam_dtype=jnp.float32)(**kwargs)
+    _cast_run(tx, jnp.complex64)
+
+
 @pytest.mark.parametrize("name", FACTORIES)
 def test_inside_multisteps_state_is_stable(name):
     factory, arg, (low, _) = FACTORIES[name]
