@@ -113,11 +113,12 @@ def scale_leaf(x: Any, scale: jax.Array) -> Any:
 
 
 def scale_tree(tree: Any, scale: jax.Array) -> Any:
-    """Every inexact leaf times one scalar ``scale``, computed once."""
-    # The barrier keeps XLA from copying the scalar computation (and the norm's
-    # reduction) into each leaf's multiply, which multiplies compile time by the
-    # number of leaves.
-    scale = jax.lax.optimization_barrier(scale)
+    """Every inexact leaf times one scalar ``scale``, computed once.
+
+    XLA keeps the scalar computation in its own kernel and feeds it to each leaf's
+    multiply (checked on 1,000 leaves: one fusion per leaf plus a handful, and the same
+    compile time with or without an ``optimization_barrier`` on ``scale``).
+    """
     return jax.tree.map(lambda x: scale_leaf(x, scale), tree)
 
 
