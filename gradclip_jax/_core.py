@@ -33,7 +33,7 @@ def _concrete(fn: str, arg: str, value: Any) -> np.ndarray | None:
             "optax.inject_hyperparams casts hyperparameters to the parameters' dtype: with "
             "complex parameters, pass hyperparam_dtype=jnp.float32 to it."
         )
-    return array.astype(np.float64) if array.dtype.itemsize < 4 else array
+    return array
 
 
 def check_range(

@@ -138,14 +138,16 @@ def _max(values: jax.Array) -> jax.Array:
 def maxima(arrays: Sequence[jax.Array], elementwise: Callable[[jax.Array], jax.Array]) -> list:
     """``max(elementwise(a))`` of each array (0 when empty), NaN when it holds a NaN.
 
+    ``elementwise`` must not turn finite entries into NaN (``|a|`` does not).
+
     XLA's max reductions may drop NaN: on CPU, ``jnp.max(jnp.abs(x))`` of a float32
     array of 10,000 entries or more holding a NaN returns its largest number, and a
     maximum across devices may too. Testing ``isnan`` inside the reduction, or with a
     second reduction of the same values, makes XLA write ``elementwise(a)`` out and
     read it back (measured: 3 to 4x slower on 10 leaves of 2M floats). Here each array
     is read by two fused reductions: the maximum of its values, and ``sum(a - a)``,
-    which is NaN exactly when some entry is NaN or infinite. Only then (a step that is not finite
-    anyway) does one ``lax.cond`` tell NaN from ``inf``.
+    which is NaN exactly when some entry is NaN or infinite. Only then (a step that is
+    not finite anyway) does one ``lax.cond`` tell NaN from ``inf``.
     """
     values = [elementwise(a) for a in arrays]
     if not values or not jnp.issubdtype(values[0].dtype, jnp.inexact):
