@@ -18,10 +18,11 @@ from __future__ import annotations
 import os
 import sys
 
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-).strip()
-os.environ["JAX_PLATFORMS"] = "cpu"
+if __name__ == "__main__":  # imported (pytest's doctest collection), it leaves the env alone
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    ).strip()
+    os.environ["JAX_PLATFORMS"] = "cpu"
 
 from pathlib import Path  # noqa: E402
 
@@ -47,7 +48,9 @@ RECORDED = (0, 1, 5, 10, 11, 20, 21, 27, 28, 29, 33, STEPS - 1)
 def _tree(dtype, seed=0, n_small=0, big=False):
     rng = np.random.default_rng(seed)
     if n_small:
-        return {f"l{i:03d}": jnp.asarray(rng.normal(size=(3 + i % 4,)), dtype) for i in range(n_small)}
+        return {
+            f"l{i:03d}": jnp.asarray(rng.normal(size=(3 + i % 4,)), dtype) for i in range(n_small)
+        }
     tree = {
         "kernel": rng.normal(size=(4, 3)),
         "bias": rng.normal(size=(5,)),
