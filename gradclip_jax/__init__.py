@@ -18,6 +18,7 @@ from gradclip_jax._adaptive import (
     quantile_clip,
     zclip,
 )
+from gradclip_jax._clip import ClipState
 from gradclip_jax._diagnostics import (
     GradientHealth,
     gradient_health,
@@ -45,7 +46,7 @@ from gradclip_jax._static import (
     clip_by_leaf_norm,
     clip_by_value,
 )
-from gradclip_jax._stats import ClipStats, stats
+from gradclip_jax._stats import ClipStats, NamedStats, stats
 from gradclip_jax._unitwise import AGCState, agc
 
 __version__ = "0.1.0"
@@ -59,9 +60,11 @@ __all__ = [
     "ClipByGlobalNormState",
     "ClipByLeafNormState",
     "ClipByValueState",
+    "ClipState",
     "ClipStats",
     "DPAggregateState",
     "GradientHealth",
+    "NamedStats",
     "NormProbe",
     "OnNonfiniteState",
     "OnNonfiniteStats",

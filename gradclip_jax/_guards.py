@@ -26,15 +26,12 @@ import numpy as np
 import optax
 from jax import lax
 
-from gradclip_jax._core import check_choice, check_count, check_range
-from gradclip_jax._norms import (
-    blocks_of,
-    collective,
-    global_norm,
-    is_inexact,
-    is_tracer,
-    reduce_blocks,
-)
+from gradclip_jax import rules
+from gradclip_jax._clip import check_rule, initial_rule_state
+from gradclip_jax._norms import blocks_of, collective, tree_norm
+from gradclip_jax._stats import NamedStats, check_name
+from gradclip_jax._tree import inexact_leaves, is_inexact, map_inexact
+from gradclip_jax._validate import check_choice, check_count
 
 __all__ = [
     "OnNonfiniteState",
@@ -45,9 +42,6 @@ __all__ = [
     "skip_on_spike",
 ]
 
-# How far (relative to the window's mean) the spread of a window is floored, so that
-# float round-off on a constant history is not mistaken for a spike.
-_RELATIVE_SPREAD_FLOOR = 1e-6
 # The most leaf paths an error message lists.
 _MAX_PATHS_SHOWN = 10
 
@@ -125,45 +119,47 @@ class SkipOnSpikeStats(NamedTuple):
     last_spike_value: jax.Array
     last_spike_step: jax.Array
 
+    @classmethod
+    def initial(cls) -> SkipOnSpikeStats:
+        f32 = lambda v: jnp.asarray(v, jnp.float32)
+        i32 = lambda v: jnp.asarray(v, jnp.int32)
+        return cls(f32(0), f32(jnp.inf), f32(jnp.inf), i32(0), i32(0), f32(0), i32(-1))
+
+    def advance(self, norm, norm_threshold, loss_threshold, spike, spike_value, step):
+        """The record for a new step; ``step`` is the index of this step."""
+        return SkipOnSpikeStats(
+            norm=norm,
+            norm_threshold=norm_threshold,
+            loss_threshold=loss_threshold,
+            skipped=spike.astype(jnp.int32),
+            skip_count=jnp.where(spike, optax.safe_increment(self.skip_count), self.skip_count),
+            last_spike_value=jnp.where(spike, spike_value, self.last_spike_value),
+            last_spike_step=jnp.where(spike, step, self.last_spike_step),
+        )
+
 
 class SkipOnSpikeState(NamedTuple):
     """State of :func:`skip_on_spike`.
 
-    The window's size is the length of its buffers, so it is fixed when the state is
-    created (``optax.inject_hyperparams`` cannot change it later).
+    The rules' states are ``()`` for a signal that is not watched. A window's size is
+    the length of its buffer, fixed when the state is created.
     """
 
     inner_state: Any
-    norms: jax.Array  # float32[window] recent global norms; float32[0] if not watched
-    losses: jax.Array  # float32[window] recent losses; float32[0] if not watched
-    count: jax.Array  # int32, values entered so far; the next slot is count % window
+    norm_rule: Any  # the spike rule's state for the gradient norm
+    loss_rule: Any  # the spike rule's state for the loss
     step: jax.Array  # int32, updates seen so far
-    stats: SkipOnSpikeStats
+    stats: NamedStats  # SkipOnSpikeStats under the guard's name
 
 
-def _window_size(state: SkipOnSpikeState) -> int:
-    return max(state.norms.shape[0], state.losses.shape[0])
-
-
-def _default_min_history(window: int) -> int:
-    return max(2, window // 2)
-
-
-def _threshold(buffer: jax.Array, filled: jax.Array, sigma: jax.Array) -> jax.Array:
-    """``mean + sigma * std`` of the first ``filled`` entries; ``inf`` without spread.
-
-    The standard deviation uses Bessel's correction. A history whose spread is zero
-    (every value exactly 0) gives ``inf``: a deviation cannot be measured against it,
-    and a finite threshold there would reject every later step.
-    """
-    valid = jnp.arange(buffer.shape[0]) < filled
-    n = jnp.maximum(filled, 1).astype(jnp.float32)
-    mean = jnp.sum(jnp.where(valid, buffer, 0)) / n
-    squares = jnp.sum(jnp.where(valid, (buffer - mean) ** 2, 0))
-    std = jnp.sqrt(squares / jnp.maximum(n - 1, 1))
-    spread = jnp.maximum(std, _RELATIVE_SPREAD_FLOOR * jnp.abs(mean))
-    has_spread = spread > 0
-    return jnp.where(has_spread, mean + sigma * jnp.where(has_spread, spread, 1), jnp.inf)
+def _spike_test(rule, watched, rule_state, value):
+    """``(threshold, new rule state, spike)`` of one watched signal; a non-finite value
+    is always a spike. An unwatched signal has threshold ``inf`` and no spike."""
+    if not watched:
+        return jnp.asarray(jnp.inf, jnp.float32), rule_state, jnp.asarray(False)
+    threshold, new_state = rule.step(rule_state, value, value)
+    threshold = jnp.asarray(threshold, jnp.float32)
+    return threshold, new_state, ~jnp.isfinite(value) | (value > threshold)
 
 
 def _scalar_loss(loss: Any, axis_name: Any) -> jax.Array:
@@ -180,46 +176,54 @@ def _scalar_loss(loss: Any, axis_name: Any) -> jax.Array:
 
 def skip_on_spike(
     inner: optax.GradientTransformation,
+    rule: rules.Rule | None = None,
     *,
-    window: int | jax.Array = 128,
-    sigma: float | jax.Array = 6.0,
+    window: int | jax.Array | None = None,
+    sigma: float | jax.Array | None = None,
     min_history: int | jax.Array | None = None,
     watch: Literal["norm", "loss", "both"] = "norm",
     axis_name: Any = None,
+    name: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Skips a step whose gradient norm (or loss) spikes far above its recent history.
 
-    The wrapper keeps a ring buffer of the last ``window`` global gradient norms (and
-    losses, when watched). Once it holds ``min_history`` values, a step whose value
-    exceeds the window's ``mean + sigma * std`` is *skipped*: the wrapper returns zero
+    A step whose global gradient norm (or loss, when watched) exceeds the threshold of
+    the spike ``rule`` is *skipped*: the wrapper returns zero
     updates and ``inner``'s state unchanged bit for bit (Adam's step count does not
     advance). With ``watch="both"`` a spike of either skips the step. A non-finite norm
     or watched loss is always skipped, warm-up included; wrap with
     :func:`on_nonfinite` too for a choice of policy and a consecutive count.
 
-    **What enters the window.** Values of accepted steps enter as they are. A skipped
-    finite value enters *clamped to the threshold it exceeded*; non-finite values never
-    enter. Levanter's ``skip_step`` and MaxText's ``skip_step_on_spikes`` admit the raw
-    value, so that a lasting change of scale becomes the new baseline; but one x1000
-    spike then inflates the standard deviation ~90-fold for ``window`` steps, hiding
-    the next spikes, and a burst of a few spikes lets its own tail through. Keeping
-    skipped values out entirely would instead skip forever after a lasting change of
-    scale. Clamping (the reasoning of ZClip, which updates its statistics with the
-    clipped norm) keeps both properties: a single spike moves the statistics no more
-    than a borderline step, while a lasting jump raises the threshold geometrically
-    and is accepted after a few dozen skipped steps (about 16 for a x3 jump, 30 for
-    x10 and 70 for x1000, with a window of 128 and 5% noise).
+    The default rule, :func:`gradclip_jax.rules.mean_std`, keeps a ring buffer of the
+    last ``window`` values; once it holds ``min_history`` of them, the threshold is the
+    window's ``mean + sigma * std``. Any rule of :mod:`gradclip_jax.rules` works (one
+    state per watched signal), e.g. ``rules.zscore(max_norm=None)`` for ZClip's test.
+    Non-finite values never reach a rule's state.
+
+    **What enters the window** (the default rule). Values of accepted steps enter as
+    they are; a skipped finite value enters *clamped to the threshold it exceeded*.
+    Levanter's ``skip_step`` and MaxText's ``skip_step_on_spikes`` admit the raw value,
+    so that a lasting change of scale becomes the new baseline; but one x1000 spike
+    then inflates the standard deviation ~90-fold for ``window`` steps, hiding the next
+    spikes. Keeping skipped values out entirely would instead skip forever after a
+    lasting change of scale. Clamping keeps both properties: a lasting jump is
+    accepted after a few dozen skipped steps (about 16 for a x3 jump, 30 for x10 and 70
+    for x1000, with a window of 128 and 5% noise).
 
     The standard deviation uses Bessel's correction and is floored at ``1e-6 * |mean|``
     so that round-off on a constant history is not a spike.
 
     Args:
       inner: the transformation to guard, usually the whole optimizer chain.
-      window: number of recent values the statistics use, an integer ``>= 2``. It sets
-        the buffers' shape, so it must be concrete when the state is created: under a
-        jitted ``optax.inject_hyperparams`` init, list it in ``static_args``.
-      sigma: how many standard deviations above the mean a spike lies, ``> 0``;
-        ``math.inf`` skips only non-finite values.
+      rule: the spike test, a rule whose threshold a spike exceeds; default
+        ``rules.mean_std(window, sigma, min_history)``. With a rule given, leave
+        ``window``, ``sigma`` and ``min_history`` unset.
+      window: number of recent values the statistics use, an integer ``>= 2``
+        (default 128). It sets the buffers' shape, so it must be concrete when the
+        state is created: under a jitted ``optax.inject_hyperparams`` init, list it in
+        ``static_args``.
+      sigma: how many standard deviations above the mean a spike lies, ``> 0``
+        (default 6); ``math.inf`` skips only non-finite values.
       min_history: number of values in the window before anything is skipped, an
         integer in ``[2, window]``; ``None`` (default) means ``max(2, window // 2)``.
       watch: ``"norm"`` (default) watches the global gradient norm; ``"loss"`` the
@@ -228,6 +232,8 @@ def skip_on_spike(
       axis_name: mapped axis name under ``shard_map`` / ``pmap``: the norm is that of the
         whole gradient and the loss is averaged over the axis, so every device takes
         the same decision.
+      name: the prefix of the statistics' keys in :func:`gradclip_jax.stats`; default
+        ``"skip_on_spike"``.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state is a
@@ -262,45 +268,20 @@ def skip_on_spike(
     fn = "skip_on_spike"
     inner = _check_inner(fn, inner)
     check_choice(fn, "watch", watch, ("norm", "loss", "both"))
-    check_count(fn, "window", window, minimum=2)
-    check_range(fn, "sigma", sigma, low=0.0, low_inclusive=False)
-    if min_history is not None:
-        check_count(fn, "min_history", min_history, minimum=2)
-        if not is_tracer(window) and not is_tracer(min_history) and min_history > window:
-            raise ValueError(
-                f"{fn}: `min_history` must lie in [2, window={window}]; got {min_history!r}. "
-                "The window never holds more than `window` values."
-            )
-    watch_norm = watch in ("norm", "both")
-    watch_loss = watch in ("loss", "both")
+    name = check_name(fn, fn if name is None else name)
+    rule = _spike_rule(fn, rule, window, sigma, min_history)
+    watch_norm, watch_loss = watch in ("norm", "both"), watch in ("loss", "both")
 
     def init_fn(params):
-        if is_tracer(window):
-            raise ValueError(
-                f"{fn}: `window` sets the shape of the state's buffers, so it must be a "
-                "concrete integer when the state is created; it is traced here (an "
-                "`optax.inject_hyperparams` init under `jit`). Make it static: "
-                "`optax.inject_hyperparams(gradclip_jax.skip_on_spike, "
-                "static_args=('window',))(...)`."
-            )
-        size = int(window)
-        zero32 = jnp.zeros((), jnp.float32)
-        zero_i = jnp.zeros((), jnp.int32)
+        def rule_state(watched):
+            return initial_rule_state(fn, rule) if watched else ()
+
         return SkipOnSpikeState(
-            inner_state=inner.init(params),
-            norms=jnp.zeros((size if watch_norm else 0,), jnp.float32),
-            losses=jnp.zeros((size if watch_loss else 0,), jnp.float32),
-            count=zero_i,
-            step=zero_i,
-            stats=SkipOnSpikeStats(
-                norm=zero32,
-                norm_threshold=jnp.asarray(jnp.inf, jnp.float32),
-                loss_threshold=jnp.asarray(jnp.inf, jnp.float32),
-                skipped=zero_i,
-                skip_count=zero_i,
-                last_spike_value=zero32,
-                last_spike_step=jnp.full((), -1, jnp.int32),
-            ),
+            inner.init(params),
+            rule_state(watch_norm),
+            rule_state(watch_loss),
+            jnp.zeros((), jnp.int32),
+            NamedStats(name, SkipOnSpikeStats.initial()),
         )
 
     def update_fn(updates, state, params=None, **extra_args):
@@ -310,66 +291,52 @@ def skip_on_spike(
                 f"{fn}(watch={watch!r}) needs the loss at every step: call "
                 "`tx.update(grads, state, params, loss=loss)`."
             )
-        size = _window_size(state)
-        needed = _default_min_history(size) if min_history is None else min_history
-        ready = state.count >= needed
-        filled = jnp.minimum(state.count, size)
-        spread_factor = jnp.asarray(sigma, jnp.float32)
-        inf = jnp.asarray(jnp.inf, jnp.float32)
-
-        norm = global_norm(updates, axis_name=axis_name).astype(jnp.float32)
-        norm_threshold = inf
-        if watch_norm:
-            norm_threshold = jnp.where(ready, _threshold(state.norms, filled, spread_factor), inf)
-        norm_spike = ~jnp.isfinite(norm) | (norm > norm_threshold)
-
-        loss_threshold, loss_spike = inf, jnp.asarray(False)
-        if watch_loss:
-            loss = _scalar_loss(loss, axis_name)
-            loss_threshold = jnp.where(ready, _threshold(state.losses, filled, spread_factor), inf)
-            loss_spike = ~jnp.isfinite(loss) | (loss > loss_threshold)
+        norm = tree_norm(inexact_leaves(updates), 2, axis_name).astype(jnp.float32)
+        loss = _scalar_loss(loss, axis_name) if watch_loss else jnp.zeros((), jnp.float32)
+        norm_threshold, norm_rule, norm_spike = _spike_test(rule, watch_norm, state.norm_rule, norm)
+        loss_threshold, loss_rule, loss_spike = _spike_test(rule, watch_loss, state.loss_rule, loss)
+        norm_spike = norm_spike | ~jnp.isfinite(norm)  # whatever is watched
         spike = norm_spike | loss_spike
-
-        # Finite values enter the window, clamped to the threshold they exceeded.
-        watched = ([(state.norms, norm, norm_threshold)] if watch_norm else []) + (
-            [(state.losses, loss, loss_threshold)] if watch_loss else []
-        )
-        admit = jnp.all(jnp.stack([jnp.isfinite(value) for _, value, _ in watched]))
-        slot = state.count % size
-        buffers = [
-            buffer.at[slot].set(jnp.where(admit, jnp.minimum(value, threshold), buffer[slot]))
-            for buffer, value, threshold in watched
-        ]
-        norms = buffers[0] if watch_norm else state.norms
-        losses = buffers[-1] if watch_loss else state.losses
-        count = jnp.where(admit, optax.safe_increment(state.count), state.count)
-
+        # Finite values enter the rules' states (both at once, so windows stay aligned).
+        admit = jnp.isfinite(norm) & jnp.isfinite(loss)
+        keep = lambda old, new: jax.tree.map(lambda o, n: jnp.where(admit, n, o), old, new)
         new_updates, inner_state = _guarded_update(
             inner, spike, updates, state.inner_state, params, extra_args
         )
-
-        old = state.stats
-        spike_value = norm if not watch_loss else jnp.where(norm_spike, norm, loss)
-        stats = SkipOnSpikeStats(
-            norm=norm,
-            norm_threshold=norm_threshold,
-            loss_threshold=loss_threshold,
-            skipped=spike.astype(jnp.int32),
-            skip_count=jnp.where(spike, optax.safe_increment(old.skip_count), old.skip_count),
-            last_spike_value=jnp.where(spike, spike_value, old.last_spike_value),
-            last_spike_step=jnp.where(spike, state.step, old.last_spike_step),
+        spike_value = jnp.where(norm_spike | (not watch_loss), norm, loss)
+        stats = state.stats.record.advance(
+            norm, norm_threshold, loss_threshold, spike, spike_value, state.step
         )
         new_state = SkipOnSpikeState(
-            inner_state=inner_state,
-            norms=norms,
-            losses=losses,
-            count=count,
-            step=optax.safe_increment(state.step),
-            stats=stats,
+            inner_state,
+            keep(state.norm_rule, norm_rule),
+            keep(state.loss_rule, loss_rule),
+            optax.safe_increment(state.step),
+            state.stats.replace(stats),
         )
         return new_updates, new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _spike_rule(fn, rule, window, sigma, min_history):
+    """The spike rule: the given one, or ``mean_std`` from the window arguments."""
+    if rule is None:
+        window = 128 if window is None else window
+        sigma = 6.0 if sigma is None else sigma
+        return rules.build(fn, rules.MeanStd, window, sigma, min_history)
+    check_rule(fn, rule)
+    given = [
+        a
+        for a, v in (("window", window), ("sigma", sigma), ("min_history", min_history))
+        if v is not None
+    ]
+    if given:
+        raise ValueError(
+            f"{fn}: {', '.join(given)} configure the default rule; with `rule` given, set "
+            "them on the rule (e.g. rules.mean_std(window=..., sigma=...))."
+        )
+    return rule
 
 
 # ------------------------------------------------------------------- non-finite values
@@ -389,25 +356,37 @@ class OnNonfiniteStats(NamedTuple):
     nonfinite_count: jax.Array
     consecutive: jax.Array
 
+    @classmethod
+    def initial(cls) -> OnNonfiniteStats:
+        return cls(*(jnp.zeros((), jnp.int32) for _ in range(3)))
+
+    def advance(self, bad: jax.Array) -> OnNonfiniteStats:
+        return OnNonfiniteStats(
+            nonfinite=bad.astype(jnp.int32),
+            nonfinite_count=jnp.where(
+                bad, optax.safe_increment(self.nonfinite_count), self.nonfinite_count
+            ),
+            consecutive=jnp.where(bad, optax.safe_increment(self.consecutive), 0).astype(jnp.int32),
+        )
+
 
 class OnNonfiniteState(NamedTuple):
     """State of :func:`on_nonfinite`."""
 
     inner_state: Any
-    stats: OnNonfiniteStats
+    stats: NamedStats  # OnNonfiniteStats under the guard's name
 
 
 def _any_nonfinite(leaves: list[jax.Array], axis_name: Any) -> jax.Array:
     """True when some entry of some leaf is NaN or infinite (on any device of the axis)."""
     if not leaves:
         return jnp.asarray(False)
-    bad = reduce_blocks(blocks_of(leaves), lambda x: ~jnp.isfinite(x), "max").astype(jnp.int32)
+    flags = [jnp.any(~jnp.isfinite(b)) for b in blocks_of(leaves)]
+    bad = jnp.any(jnp.stack(flags)).astype(jnp.int32)
     return collective(bad, "max", axis_name) > 0
 
 
-def _zero_nonfinite(x: Any) -> Any:
-    if not is_inexact(x):
-        return x
+def _zero_nonfinite(x: jax.Array) -> jax.Array:
     return jnp.where(jnp.isfinite(x), x, jnp.zeros((), x.dtype))
 
 
@@ -446,12 +425,25 @@ def _error_reporter(
     return report
 
 
+def _report_if(alarm, leaves, consecutive, limit, reporter) -> None:
+    """Calls ``reporter`` on the host only on a step that raises (inside a ``lax.cond``)."""
+    if not leaves:
+        return
+
+    def report():
+        flags = jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])
+        jax.debug.callback(reporter, flags, consecutive, jnp.asarray(limit, jnp.int32))
+
+    lax.cond(alarm, report, lambda: None)
+
+
 def on_nonfinite(
     inner: optax.GradientTransformation,
     *,
     policy: Literal["skip", "zero", "raise", "propagate"] = "skip",
     max_consecutive: int | jax.Array | None = None,
     axis_name: Any = None,
+    name: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Handles gradients with NaN or Inf entries before they reach ``inner``.
 
@@ -494,6 +486,8 @@ def on_nonfinite(
         bad steps tolerated before raising, an integer ``>= 0``.
       axis_name: mapped axis name under ``shard_map`` / ``pmap``: a non-finite entry on
         any device makes the step bad on every device, so they stay in step.
+      name: the prefix of the statistics' keys in :func:`gradclip_jax.stats`; default
+        ``"on_nonfinite"``.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state is an
@@ -528,51 +522,33 @@ def on_nonfinite(
                 "'propagate' to tolerate some bad steps first."
             )
     description = f"{fn}(policy={policy!r})"
+    name = check_name(fn, fn if name is None else name)
 
     def init_fn(params):
-        zero = jnp.zeros((), jnp.int32)
-        return OnNonfiniteState(
-            inner_state=inner.init(params), stats=OnNonfiniteStats(zero, zero, zero)
-        )
+        return OnNonfiniteState(inner.init(params), NamedStats(name, OnNonfiniteStats.initial()))
 
     def update_fn(updates, state, params=None, **extra_args):
         flat = jax.tree_util.tree_flatten_with_path(updates)[0]
         leaves = [x for _, x in flat if is_inexact(x)]
-        paths = [jax.tree_util.keystr(p) for p, x in flat if is_inexact(x)]
+        paths = [jax.tree_util.keystr(p) or "(the whole tree)" for p, x in flat if is_inexact(x)]
         bad = _any_nonfinite(leaves, axis_name)
-        old = state.stats
-        consecutive = jnp.where(bad, optax.safe_increment(old.consecutive), 0)
-
+        stats = state.stats.record.advance(bad)
         if policy == "raise":
             alarm = bad
         elif max_consecutive is None:
             alarm = jnp.asarray(False)
         else:
-            alarm = consecutive > max_consecutive
-        limit = jnp.asarray(-1 if max_consecutive is None else max_consecutive, jnp.int32)
-
-        def report():
-            flags = jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])
-            jax.debug.callback(
-                _error_reporter(description, paths, policy), flags, consecutive, limit
-            )
-
-        if leaves:
-            lax.cond(alarm, report, lambda: None)
-
+            alarm = stats.consecutive > max_consecutive
+        limit = -1 if max_consecutive is None else max_consecutive
+        _report_if(
+            alarm, leaves, stats.consecutive, limit, _error_reporter(description, paths, policy)
+        )
         if policy == "zero":
-            updates = jax.tree.map(_zero_nonfinite, updates)
+            updates = map_inexact(_zero_nonfinite, updates)
         reject = alarm | bad if policy in ("skip", "raise") else alarm
         new_updates, inner_state = _guarded_update(
             inner, reject, updates, state.inner_state, params, extra_args
         )
-        stats = OnNonfiniteStats(
-            nonfinite=bad.astype(jnp.int32),
-            nonfinite_count=jnp.where(
-                bad, optax.safe_increment(old.nonfinite_count), old.nonfinite_count
-            ),
-            consecutive=consecutive.astype(jnp.int32),
-        )
-        return new_updates, OnNonfiniteState(inner_state=inner_state, stats=stats)
+        return new_updates, OnNonfiniteState(inner_state, state.stats.replace(stats))
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

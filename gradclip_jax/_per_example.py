@@ -37,17 +37,17 @@ import optax
 from jax import lax
 
 from gradclip_jax import rules
-from gradclip_jax._core import check_choice, check_range, check_threshold, clip_scale
+from gradclip_jax._clip import clip_scale, initial_rule_state
 from gradclip_jax._norms import (
-    _magnitude_power,
-    _overflow_rescaling,
-    _restore,
     accumulation_dtype,
     global_norm,
-    is_inexact,
-    is_tracer,
+    norm_of_norms,
+    per_example_norms,
+    wide_dtype,
 )
-from gradclip_jax._stats import ClipStats
+from gradclip_jax._stats import ClipStats, NamedStats, check_name
+from gradclip_jax._tree import inexact_leaves, is_inexact, refill
+from gradclip_jax._validate import check_choice, check_range, check_threshold, is_tracer
 
 __all__ = ["DPAggregateState", "dp_aggregate", "per_example_clip"]
 
@@ -72,49 +72,6 @@ def _batch_size(fn: str, tree: Any, leaves: list[jax.Array]) -> int:
             "them with jax.vmap(jax.grad(loss), in_axes=(None, 0))(params, batch)."
         )
     return sizes.pop()
-
-
-def _squared_norms(leaves: list[jax.Array], dtype: Any = None) -> list[jax.Array]:
-    """Per leaf, the ``(batch,)`` sums of squares of each example.
-
-    With ``dtype``, each leaf is first widened to it and every value multiplied by the
-    overflow rescaling of ``dtype`` (so the sums share one scale).
-    """
-    out = []
-    for x in leaves:
-        inverse = None
-        if dtype is not None:
-            x = x.astype(jnp.promote_types(x.dtype, dtype))
-            inverse = _overflow_rescaling(dtype)[1]
-        out.append(jnp.sum(_magnitude_power(x, 2, inverse), axis=_example_axes(x)))
-    return out
-
-
-def _wide_sum(values: list[jax.Array]) -> jax.Array:
-    """The sum of equal-shaped arrays, in their widest dtype."""
-    dtype = jnp.result_type(*values)
-    return jnp.sum(jnp.stack([v.astype(dtype) for v in values]), axis=0)
-
-
-def per_example_norms(leaves: list[jax.Array], granularity: str) -> list[jax.Array]:
-    """L2 norms of every example: ``[(batch,)]`` for ``"global"``, one per leaf for ``"leaf"``.
-
-    The common path squares once; only when some example's sum overflows is the batch
-    recomputed with every value scaled by a power of two (one ``lax.cond`` for the
-    batch), as :func:`gradclip_jax.global_norm` does.
-    """
-    sums = _squared_norms(leaves)
-    if granularity == "global":
-        sums = [_wide_sum(sums)]
-
-    def rescaled(sums):
-        if granularity == "global":
-            return [_wide_sum(_squared_norms(leaves, sums[0].dtype))]
-        return [_squared_norms([x], s.dtype)[0] for x, s in zip(leaves, sums)]
-
-    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(s)) for s in sums]))
-    fixed = lax.cond(finite, lambda s: s, rescaled, sums)
-    return [_restore(s, f, 2) for s, f in zip(sums, fixed)]
 
 
 def _leaf_limits(leaves: list[jax.Array], max_norm: Any, uniform: bool) -> list[jax.Array]:
@@ -142,16 +99,15 @@ def _clip_and_sum(leaves, max_norm, granularity, uniform) -> _Clipped:
     else:
         scales = [clip_scale(n, c) for n, c in zip(norms, _leaf_limits(leaves, max_norm, uniform))]
         # The examples' global norms from their leaves' norms, without overflowing.
-        largest = jnp.max(jnp.stack(norms), axis=0)
-        unit = jnp.where(largest > 0, largest, 1)
-        total = largest * jnp.sqrt(_wide_sum([(n / unit) ** 2 for n in norms]))
+        wide = jnp.result_type(*norms)
+        total = norm_of_norms(jnp.stack([n.astype(wide) for n in norms]), 2, axis=0)
     sums = []
     for x, scale in zip(leaves, scales):
         acc = accumulation_dtype(x.dtype)
         sums.append(
             jnp.tensordot(
                 scale.astype(acc),
-                x.astype(jnp.promote_types(x.dtype, acc)),
+                x.astype(wide_dtype(x.dtype)),
                 axes=1,
                 precision=lax.Precision.HIGHEST,
             )
@@ -160,13 +116,6 @@ def _clip_and_sum(leaves, max_norm, granularity, uniform) -> _Clipped:
         return _Clipped(sums, total, scales[0] < 1, [])
     clipped = jnp.any(jnp.stack([s < 1 for s in scales]), axis=0)
     return _Clipped(sums, total, clipped, [jnp.sum(s < 1).astype(jnp.int32) for s in scales])
-
-
-def _refill(tree: Any, values: list[Any]) -> Any:
-    """``tree`` with its inexact leaves replaced by ``values``, in order."""
-    flat, treedef = jax.tree.flatten(tree)
-    it = iter(values)
-    return jax.tree.unflatten(treedef, [next(it) if is_inexact(x) else x for x in flat])
 
 
 def per_example_clip(
@@ -227,18 +176,15 @@ def per_example_clip(
     fn = "per_example_clip"
     check_threshold(fn, "max_norm", max_norm)
     check_choice(fn, "granularity", granularity, _GRANULARITIES)
-    leaves = [x for x in jax.tree.leaves(per_example_grads) if is_inexact(x)]
+    leaves = inexact_leaves(per_example_grads)
     _batch_size(fn, per_example_grads, leaves)
     clipped = _clip_and_sum(leaves, max_norm, granularity, uniform)
     sums = [s.astype(x.dtype) for s, x in zip(clipped.sums, leaves)]
-    total = _refill(per_example_grads, sums)
+    total = refill(per_example_grads, sums)
     if granularity == "global":
         return total, jnp.sum(clipped.example_clipped).astype(jnp.int32)
-    flat, treedef = jax.tree.flatten(per_example_grads, is_leaf=lambda x: x is None)
-    counts = iter(clipped.leaf_clipped)
-    return total, jax.tree.unflatten(
-        treedef, [next(counts) if is_inexact(x) else None for x in flat]
-    )
+    counts = refill(per_example_grads, clipped.leaf_clipped)
+    return total, jax.tree.map(lambda c, x: c if is_inexact(x) else None, counts, per_example_grads)
 
 
 # -------------------------------------------------------------------- DP aggregation
@@ -249,7 +195,7 @@ class DPAggregateState(NamedTuple):
 
     rng_key: jax.Array  # uint32 key data (uint32[2] for the default PRNG) of the next step
     rule_state: Any  # rules.QuantileState (adaptive clip norm), or () for a fixed one
-    stats: ClipStats
+    stats: NamedStats  # ClipStats under the transformation's name
 
 
 def record_noise_multiplier(noise_multiplier: Any, count_stddev: Any) -> jax.Array:
@@ -292,6 +238,63 @@ def _gaussian(key: jax.Array, like: jax.Array) -> jax.Array:
     return noise * math.sqrt(2) if jnp.iscomplexobj(like) else noise
 
 
+def _clipped_totals(leaves, clip_norm, granularity, uniform, axis_name):
+    """The batch's clipped sums, clipped and unclipped counts and norm sum (all devices)."""
+    clipped = _clip_and_sum(leaves, clip_norm, granularity, uniform)
+    totals = (
+        clipped.sums,
+        jnp.sum(clipped.example_clipped).astype(jnp.float32),
+        jnp.sum(clipped.norms <= clip_norm).astype(jnp.float32),
+        jnp.sum(clipped.norms),
+    )
+    return totals if axis_name is None else lax.psum(totals, axis_name)
+
+
+def _noised_means(sums, keys, leaves, noise_std, batch):
+    """Each clipped sum plus Gaussian noise of ``noise_std``, over the batch size."""
+    return [
+        ((s + noise_std.astype(s.real.dtype) * _gaussian(k, s)) / batch).astype(x.dtype)
+        for s, k, x in zip(sums, keys, leaves)
+    ]
+
+
+def _dp_rule(fn: str, max_norm: Any) -> rules.Quantile | None:
+    """The adaptive clip norm's rule, or ``None`` for a fixed clip norm (checked)."""
+    if max_norm is None:
+        return _ANDREW_DEFAULTS
+    if isinstance(max_norm, rules.Quantile):
+        max_norm.validate(fn)
+        return max_norm
+    if hasattr(max_norm, "init") and hasattr(max_norm, "step"):
+        raise ValueError(
+            f"{fn}: an adaptive clip norm must be a rules.quantile rule; got {max_norm!r}. "
+            "Its update reads only a noised count, which the privacy analysis of Andrew et "
+            "al. covers; other rules read the norms themselves and would leak them."
+        )
+    check_threshold(fn, "max_norm", max_norm)
+    return None
+
+
+def _count_stddev(fn: str, batch: int, noise_multiplier: Any, clipped_count_stddev: Any) -> Any:
+    """The noise on the unclipped count (default batch / 20), checked against the budget."""
+    if clipped_count_stddev is not None:
+        stddev = clipped_count_stddev
+    elif is_tracer(noise_multiplier):
+        return jnp.where(noise_multiplier > 0, batch * _COUNT_STDDEV_PER_EXAMPLE, 0.0)
+    else:
+        stddev = batch * _COUNT_STDDEV_PER_EXAMPLE if noise_multiplier > 0 else 0.0
+    concrete = not (is_tracer(stddev) or is_tracer(noise_multiplier))
+    if concrete and noise_multiplier > 0 and not 2 * np.asarray(stddev) > noise_multiplier:
+        raise ValueError(
+            f"{fn}: clipped_count_stddev = {float(stddev):g} (default batch / 20 = "
+            f"{batch}/20) must exceed noise_multiplier / 2 = {noise_multiplier / 2:g}: "
+            "with less noise the count alone would cost more privacy than the budget. "
+            "Use larger batches, a larger clipped_count_stddev or a smaller "
+            "noise_multiplier."
+        )
+    return stddev
+
+
 def dp_aggregate(
     max_norm: float | jax.Array | rules.Quantile | None = None,
     noise_multiplier: float | jax.Array = 1.0,
@@ -301,6 +304,7 @@ def dp_aggregate(
     uniform: bool = True,
     clipped_count_stddev: float | jax.Array | None = None,
     axis_name: Any = None,
+    name: str | None = None,
 ) -> optax.GradientTransformation:
     """DP-SGD's aggregation: clip each example, sum, add Gaussian noise, average.
 
@@ -394,90 +398,50 @@ def dp_aggregate(
       0.0705
     """
     fn = "dp_aggregate"
-    if max_norm is None:
-        rule = _ANDREW_DEFAULTS
-    elif isinstance(max_norm, rules.Quantile):
-        rule = max_norm.validate(fn)
-    elif hasattr(max_norm, "init") and hasattr(max_norm, "advance"):
-        raise ValueError(
-            f"{fn}: an adaptive clip norm must be a rules.quantile rule; got {max_norm!r}. "
-            "Its update reads only a noised count, which the privacy analysis of Andrew et "
-            "al. covers; other rules read the norms themselves and would leak them."
-        )
-    else:
-        rule = None
-        check_threshold(fn, "max_norm", max_norm)
+    rule = _dp_rule(fn, max_norm)
     check_range(fn, "noise_multiplier", noise_multiplier)
     check_choice(fn, "granularity", granularity, _GRANULARITIES)
     if clipped_count_stddev is not None:
         check_range(fn, "clipped_count_stddev", clipped_count_stddev)
+    name = check_name(fn, fn if name is None else name)
     adaptive = rule is not None
     typed_key = hasattr(seed, "dtype") and jnp.issubdtype(seed.dtype, jax.dtypes.prng_key)
     impl = {"impl": jax.random.key_impl(seed)} if typed_key else {}
 
     def init_fn(params):
         del params
-        rule_state = rule.init() if adaptive else ()
-        return DPAggregateState(_key_data(seed), rule_state, ClipStats.initial())
-
-    def count_stddev(batch: int) -> Any:
-        if clipped_count_stddev is not None:
-            stddev = clipped_count_stddev
-        elif is_tracer(noise_multiplier):
-            return jnp.where(noise_multiplier > 0, batch * _COUNT_STDDEV_PER_EXAMPLE, 0.0)
-        else:
-            stddev = batch * _COUNT_STDDEV_PER_EXAMPLE if noise_multiplier > 0 else 0.0
-        concrete = not (is_tracer(stddev) or is_tracer(noise_multiplier))
-        if concrete and noise_multiplier > 0 and not 2 * np.asarray(stddev) > noise_multiplier:
-            raise ValueError(
-                f"{fn}: clipped_count_stddev = {float(stddev):g} (default batch / 20 = "
-                f"{batch}/20) must exceed noise_multiplier / 2 = {noise_multiplier / 2:g}: "
-                "with less noise the count alone would cost more privacy than the budget. "
-                "Use larger batches, a larger clipped_count_stddev or a smaller "
-                "noise_multiplier."
-            )
-        return stddev
+        rule_state = initial_rule_state(fn, rule) if adaptive else ()
+        return DPAggregateState(_key_data(seed), rule_state, NamedStats(name, ClipStats.initial()))
 
     def update_fn(updates, state, params=None):
         del params
-        leaves = [x for x in jax.tree.leaves(updates) if is_inexact(x)]
+        leaves = inexact_leaves(updates)
         batch = _batch_size(fn, updates, leaves)
         if axis_name is not None:
             batch = batch * lax.psum(1, axis_name)
         clip_norm = state.rule_state.threshold if adaptive else jnp.asarray(max_norm, jnp.float32)
-        clipped = _clip_and_sum(leaves, clip_norm, granularity, uniform)
-        unclipped = jnp.sum(clipped.norms <= clip_norm).astype(jnp.float32)
-        totals = (
-            clipped.sums,
-            jnp.sum(clipped.example_clipped).astype(jnp.float32),
-            unclipped,
-            jnp.sum(clipped.norms),
-        )
-        if axis_name is not None:
-            totals = lax.psum(totals, axis_name)
+        totals = _clipped_totals(leaves, clip_norm, granularity, uniform, axis_name)
         sums, clipped_count, unclipped, norm_sum = totals
 
         key = jax.random.wrap_key_data(state.rng_key, **impl)
         new_key, *keys = jax.random.split(key, len(leaves) + 1 + adaptive)
         if adaptive:
-            stddev = count_stddev(batch)
+            stddev = _count_stddev(fn, batch, noise_multiplier, clipped_count_stddev)
             multiplier = record_noise_multiplier(noise_multiplier, stddev)
         else:
             multiplier = jnp.asarray(noise_multiplier, jnp.float32)
-        noise_std = multiplier * clip_norm
-        noised = [
-            ((s + noise_std.astype(s.real.dtype) * _gaussian(k, s)) / batch).astype(x.dtype)
-            for s, k, x in zip(sums, keys, leaves)
-        ]
-        out = _refill(updates, noised)
+        noised = _noised_means(sums, keys, leaves, multiplier * clip_norm, batch)
+        out = refill(updates, noised)
 
         rule_state = state.rule_state
         if adaptive:
             count_noise = jnp.asarray(stddev, jnp.float32) * jax.random.normal(keys[-1], ())
             fraction = (unclipped + count_noise) / batch
-            rule_state = rules.QuantileState(rule.step(clip_norm, fraction))
-        stats = state.stats.advance(
-            norm_sum / batch, clip_norm, global_norm(out), clipped_count / batch
+            rule_state = rules.QuantileState(rule.adjust(clip_norm, fraction))
+        stats = state.stats.replace(
+            state.stats.record.advance(
+                norm_sum / batch, clip_norm, global_norm(out), clipped_count / batch
+            )
         )
         return out, DPAggregateState(jax.random.key_data(new_key), rule_state, stats)
 

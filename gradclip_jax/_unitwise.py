@@ -2,23 +2,48 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any
 
 import jax
-import jax.numpy as jnp
 import optax
 
-from gradclip_jax._core import Measured, check_range, clip_scale, scale_leaf, stats_only_clipper
-from gradclip_jax._norms import is_inexact, norm_of_norms, stack_scalars, unitwise_norms
-from gradclip_jax._stats import ClipStats
+from gradclip_jax import rules
+from gradclip_jax._clip import ClipState, check_structural, clipper
+from gradclip_jax._tree import is_inexact
+from gradclip_jax._validate import check_range
 
 __all__ = ["AGCState", "agc"]
 
+AGCState = ClipState
 
-class AGCState(NamedTuple):
-    """State of :func:`agc`."""
 
-    stats: ClipStats
+def _paired_params(updates: Any, params: Any) -> list[jax.Array]:
+    """The parameters' leaves matching the updates' inexact leaves, checked."""
+    if params is None:
+        raise ValueError(
+            "agc: the update needs the parameters: call "
+            "`tx.update(updates, state, params)` (optax.chain passes them through)."
+        )
+    flat_updates, update_def = jax.tree_util.tree_flatten_with_path(updates)
+    flat_params, param_def = jax.tree_util.tree_flatten_with_path(params)
+    if update_def != param_def:
+        raise ValueError(
+            "agc: the updates and the parameters must have the same tree structure; got "
+            f"{update_def} and {param_def}."
+        )
+    paired = []
+    for (path, g), (_, p) in zip(flat_updates, flat_params):
+        if not is_inexact(g):
+            continue
+        if not is_inexact(p) or p.shape != g.shape:
+            raise ValueError(
+                f"agc: the parameter at {jax.tree_util.keystr(path)} is "
+                f"{getattr(p, 'dtype', type(p).__name__)}{getattr(p, 'shape', '')} for a "
+                f"{g.dtype}{g.shape} gradient; AGC needs a floating-point parameter of the "
+                "gradient's shape."
+            )
+        paired.append(p)
+    return paired
 
 
 def agc(
@@ -26,6 +51,7 @@ def agc(
     *,
     eps: float | jax.Array = 1e-3,
     axis: int | tuple[int, ...] | None = None,
+    name: str | None = None,
 ) -> optax.GradientTransformation:
     """Unit-wise adaptive gradient clipping (AGC) from NFNets.
 
@@ -44,12 +70,15 @@ def agc(
       clipping: the largest allowed ratio of gradient to parameter unit norm, ``>= 0``.
         Brock et al. use 0.01 for large batches (and up to 0.16 for small ones).
       eps: floor on parameter norms so zero-initialised units can still move, ``>= 0``.
-      axis: axes spanned by one unit, for every leaf of rank >= 2; ``None`` (default)
-        infers them from the rank.
+      axis: axes spanned by one unit, for every leaf of rank >= 2 (vectors and scalars
+        are one unit); ``None`` (default) infers them from the rank. Structural: under
+        ``optax.inject_hyperparams`` list it in ``static_args``.
+      name: the prefix of this clipper's keys in :func:`gradclip_jax.stats`; default
+        ``"agc"``.
 
     Returns:
-      An ``optax.GradientTransformation`` whose state is an :class:`AGCState`. Its
-      update needs ``params``.
+      An ``optax.GradientTransformation`` whose state is a
+      :class:`~gradclip_jax.ClipState`. Its update needs ``params``.
 
     References:
       Brock et al., `High-Performance Large-Scale Image Recognition Without
@@ -67,32 +96,6 @@ def agc(
     """
     check_range("agc", "clipping", clipping)
     check_range("agc", "eps", eps)
-
-    def clip(updates, params):
-        if params is None:
-            raise ValueError(
-                "agc: the update needs the parameters: call "
-                "`tx.update(updates, state, params)` (optax.chain passes them through)."
-            )
-        g_norms = unitwise_norms(updates, axis)
-        p_norms = unitwise_norms(params, axis)
-        leaves, treedef = jax.tree.flatten(updates)
-        g_leaves = jax.tree.leaves(g_norms)
-        p_leaves = jax.tree.leaves(p_norms)
-        scales = [
-            clip_scale(g, jnp.asarray(clipping, p.dtype) * jnp.maximum(p, eps))
-            for g, p in zip(g_leaves, p_leaves)
-        ]
-        it = iter(scales)
-        out = [scale_leaf(x, next(it)) if is_inexact(x) else x for x in leaves]
-        fraction = jnp.mean(stack_scalars(scales) < 1) if scales else jnp.zeros(())
-        g_vector = stack_scalars(g_leaves)
-        measured = Measured(
-            norm_of_norms(g_vector),
-            clipping,
-            norm_of_norms(g_vector * stack_scalars(scales)),
-            fraction,
-        )
-        return jax.tree.unflatten(treedef, out), measured
-
-    return stats_only_clipper(AGCState, clip)
+    check_structural("agc", "axis", axis)
+    rule = rules.build("agc", rules.Constant, clipping)
+    return clipper("agc", rule, "unit", name=name, axis=axis, eps=eps, pair_params=_paired_params)

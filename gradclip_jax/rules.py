@@ -1,15 +1,17 @@
 """Threshold rules for :func:`gradclip_jax.adaptive_clip`: thresholds that follow the gradients.
 
 A *rule* decides, at every step, how large a norm may be. It is a small pure object
-(its fields are its hyperparameters) with three methods:
+(its fields are its hyperparameters) with two methods:
 
 * ``init() -> state``: the state before the first step, a pytree of arrays of fixed
   shapes and dtypes (no Python lists, no growth);
-* ``threshold(state, norm, global_norm) -> scalar``: the threshold for the current
-  step, given the norm just measured. It must be ``>= 0`` and never NaN for finite
-  norms (``inf`` means "do not clip");
-* ``advance(state, norm, global_norm) -> state``: the state for the next step, with the
-  same structure, shapes and dtypes.
+* ``step(state, norm, global_norm) -> (threshold, state)``: the threshold for the
+  current step, given the norm just measured, and the state for the next step. The
+  threshold must be a scalar ``>= 0`` and never NaN for finite norms (``inf`` means
+  "do not clip"); the new state has the structure, shapes and dtypes of the old.
+
+One method for both, so that what the threshold and the next state share (a window
+with the new norm in it, a z-score) is computed once.
 
 ``norm`` is the norm of the block being clipped: the global norm of the updates under
 ``granularity="global"``, one leaf's norm under ``granularity="leaf"`` (where the
@@ -24,8 +26,8 @@ norm is NaN or infinite reach the state, so a rule need not handle non-finite no
 Write the methods with ``jnp`` operations and ``jnp.where`` (no Python ``if`` on
 arrays): they run under ``jax.jit``. Hyperparameters may arrive as traced arrays when
 the transformation is wrapped in ``optax.inject_hyperparams``, so a size that shapes the
-state (a buffer length) is read from the state's shape inside ``threshold`` and
-``advance``, never from a field.
+state (a buffer length) is read from the state's shape inside ``step``, never from a
+field.
 
 Examples:
   A rule that lets the norm grow at most 50% from one step to the next:
@@ -40,12 +42,10 @@ Examples:
   ...     def init(self):
   ...         return jnp.array(jnp.inf, jnp.float32)  # the previous step's clipped norm
   ...
-  ...     def threshold(self, previous, norm, global_norm):
-  ...         return self.growth * previous
-  ...
-  ...     def advance(self, previous, norm, global_norm):
-  ...         clipped = jnp.minimum(norm, self.threshold(previous, norm, global_norm))
-  ...         return jnp.where(clipped > 0, clipped, previous)  # zeros carry no scale
+  ...     def step(self, previous, norm, global_norm):
+  ...         threshold = self.growth * previous
+  ...         clipped = jnp.minimum(norm, threshold)
+  ...         return threshold, jnp.where(clipped > 0, clipped, previous)  # zeros carry no scale
   >>> tx = optax.chain(gradclip_jax.adaptive_clip(GrowthLimit()), optax.adam(1e-3))
   >>> params = jnp.zeros(2)
   >>> state = tx.init(params)
@@ -60,18 +60,32 @@ Examples:
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 from typing import Any, NamedTuple, Protocol, TypeVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-from gradclip_jax._core import check_choice, check_count, check_range, check_threshold
-from gradclip_jax._norms import is_tracer
+from gradclip_jax._validate import (
+    check_choice,
+    check_count,
+    check_positive_finite,
+    check_range,
+    check_threshold,
+    state_size,
+)
+from gradclip_jax._validate import (
+    is_tracer as _traced,
+)
 
 __all__ = [
     "AdaGC",
+    "Constant",
+    "MeanStd",
+    "MeanStdState",
     "AdaGCState",
     "EMA",
     "EMAState",
@@ -83,7 +97,9 @@ __all__ = [
     "ZScore",
     "ZScoreState",
     "adagc",
+    "constant",
     "ema",
+    "mean_std",
     "percentile",
     "quantile",
     "zscore",
@@ -95,7 +111,7 @@ State = TypeVar("State")
 class Rule(Protocol[State]):
     """What :func:`gradclip_jax.adaptive_clip` needs from a threshold rule.
 
-    Any object with these three methods is a rule; subclassing is not needed. See the
+    Any object with these two methods is a rule; subclassing is not needed. See the
     module documentation for the contract and a complete example.
     """
 
@@ -103,12 +119,11 @@ class Rule(Protocol[State]):
         """The state before the first step: a pytree of fixed-size arrays."""
         ...
 
-    def threshold(self, state: State, norm: jax.Array, global_norm: jax.Array) -> jax.Array:
-        """The threshold (a scalar ``>= 0``, never NaN) for the norm measured now."""
-        ...
-
-    def advance(self, state: State, norm: jax.Array, global_norm: jax.Array) -> State:
-        """The next state, with the structure, shapes and dtypes of ``state``."""
+    def step(
+        self, state: State, norm: jax.Array, global_norm: jax.Array
+    ) -> tuple[jax.Array, State]:
+        """The threshold (a scalar ``>= 0``, never NaN) for the norm measured now, and
+        the next state, with the structure, shapes and dtypes of ``state``."""
         ...
 
 
@@ -120,16 +135,64 @@ def _cap(threshold: jax.Array, max_norm: Any) -> jax.Array:
     return threshold if max_norm is None else jnp.minimum(threshold, _f32(max_norm))
 
 
-def _state_size(rule: str, arg: str, value: Any) -> int:
-    """A hyperparameter that shapes the state, as a Python int (it must be concrete)."""
-    if is_tracer(value):
-        raise ValueError(
-            f"{rule}: `{arg}` sets the size of the state, so it must be a concrete integer "
-            f"when the state is created; got a traced value. Under "
-            f"`optax.inject_hyperparams`, create the state outside `jax.jit`, or name it in "
-            f"`static_args=('{arg}',)`."
-        )
-    return int(value)
+_building_for: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "gradclip_rule_factory", default=None
+)
+
+
+class _Validated:
+    """Rules check their hyperparameters when built, naming the function the user called."""
+
+    def __post_init__(self) -> None:
+        self.validate(_building_for.get() or f"rules.{type(self).__name__}")
+
+    def validate(self, fn: str) -> None:
+        raise NotImplementedError
+
+
+def build(fn: str, rule_class: type, *args: Any, **kwargs: Any) -> Any:
+    """``rule_class(*args, **kwargs)``, whose validation errors name ``fn``."""
+    token = _building_for.set(fn)
+    try:
+        return rule_class(*args, **kwargs)
+    finally:
+        _building_for.reset(token)
+
+
+# --------------------------------------------------------------------------------------
+# A constant threshold.
+
+
+@dataclasses.dataclass(frozen=True)
+class Constant(_Validated):
+    """A fixed (possibly injected or scheduled) threshold; build it with :func:`constant`."""
+
+    value: Any = 1.0
+
+    def validate(self, fn: str, arg: str = "max_norm") -> None:
+        check_threshold(fn, arg, self.value)
+
+    def init(self) -> tuple:
+        return ()
+
+    def step(self, state: tuple, norm: jax.Array, global_norm: jax.Array):
+        del norm, global_norm
+        return _f32(self.value), state
+
+
+def constant(value: float | jax.Array) -> Constant:
+    """A constant threshold: what :func:`gradclip_jax.clip_by_global_norm` and the other
+    fixed clippers use. ``value >= 0``; ``math.inf`` never clips.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import gradclip_jax
+      >>> tx = gradclip_jax.adaptive_clip(gradclip_jax.rules.constant(1.0))
+      >>> updates, _ = tx.update(jnp.array([3.0, 4.0]), tx.init(None))
+      >>> print(updates)
+      [0.6 0.8]
+    """
+    return build("rules.constant", Constant, value)
 
 
 # --------------------------------------------------------------------------------------
@@ -145,36 +208,30 @@ class PercentileState(NamedTuple):
 
 
 @dataclasses.dataclass(frozen=True)
-class Percentile:
+class Percentile(_Validated):
     """The AutoClip rule; build it with :func:`percentile`."""
 
     p: Any = 10.0
     history: Any = 1024
 
-    def validate(self, fn: str) -> Percentile:
-        """Checks concrete hyperparameters, naming ``fn`` in errors; returns ``self``."""
+    def validate(self, fn: str) -> None:
         check_range(fn, "p", self.p, 0.0, 100.0)
         check_count(fn, "history", self.history, minimum=1)
-        return self
 
     def init(self) -> PercentileState:
-        size = _state_size("rules.percentile", "history", self.history)
-        zero = jnp.zeros((), jnp.int32)
-        return PercentileState(jnp.zeros((size,), jnp.float32), zero, zero)
-
-    def _window(self, state: PercentileState, norm: jax.Array) -> PercentileState:
-        size = state.norms.shape[0]
-        norms = state.norms.at[state.position].set(norm.astype(jnp.float32))
+        size = state_size("rules.percentile", "history", self.history)
         return PercentileState(
-            norms, (state.position + 1) % size, jnp.minimum(state.filled + 1, size)
+            jnp.zeros((size,), jnp.float32), jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32)
         )
 
-    def threshold(
-        self, state: PercentileState, norm: jax.Array, global_norm: jax.Array
-    ) -> jax.Array:
+    def step(self, state: PercentileState, norm: jax.Array, global_norm: jax.Array):
         del global_norm
-        window = self._window(state, norm)
-        size = window.norms.shape[0]
+        size = state.norms.shape[0]
+        window = PercentileState(
+            state.norms.at[state.position].set(norm.astype(jnp.float32)),
+            (state.position + 1) % size,
+            jnp.minimum(state.filled + 1, size),
+        )
         # Slots are filled in order before the buffer wraps, so the used ones come first.
         used = jnp.arange(size) < window.filled
         ordered = jnp.sort(jnp.where(used, window.norms, jnp.inf))
@@ -184,13 +241,7 @@ class Percentile:
         high = jnp.minimum(low + 1, window.filled - 1)
         fraction = position - low.astype(jnp.float32)
         below, above = ordered[low], ordered[high]
-        return jnp.where(fraction > 0, below + (above - below) * fraction, below)
-
-    def advance(
-        self, state: PercentileState, norm: jax.Array, global_norm: jax.Array
-    ) -> PercentileState:
-        del global_norm
-        return self._window(state, norm)
+        return jnp.where(fraction > 0, below + (above - below) * fraction, below), window
 
 
 def percentile(p: float | jax.Array = 10.0, history: int | jax.Array = 1024) -> Percentile:
@@ -234,7 +285,7 @@ def percentile(p: float | jax.Array = 10.0, history: int | jax.Array = 1024) -> 
       >>> print(f"{gradclip_jax.stats(state)['adaptive_clip/threshold']:.1f}")  # median
       2.5
     """
-    return Percentile(p, history).validate("rules.percentile")
+    return build("rules.percentile", Percentile, p, history)
 
 
 # --------------------------------------------------------------------------------------
@@ -250,7 +301,7 @@ class ZScoreState(NamedTuple):
 
 
 @dataclasses.dataclass(frozen=True)
-class ZScore:
+class ZScore(_Validated):
     """The ZClip rule; build it with :func:`zscore`."""
 
     z_thresh: Any = 2.5
@@ -260,23 +311,22 @@ class ZScore:
     max_norm: Any = 1.0
     eps: Any = 1e-6
 
-    def validate(self, fn: str) -> ZScore:
-        """Checks concrete hyperparameters, naming ``fn`` in errors; returns ``self``."""
-        check_range(fn, "z_thresh", self.z_thresh)
+    def validate(self, fn: str) -> None:
+        check_range(fn, "z_thresh", self.z_thresh, high_inclusive=False)
         check_range(fn, "decay", self.decay, 0.0, 1.0)
         check_count(fn, "warmup_steps", self.warmup_steps, minimum=1)
         check_choice(fn, "mode", self.mode, ("reciprocal", "mean"))
         if self.max_norm is not None:
             check_threshold(fn, "max_norm", self.max_norm)
-        check_range(fn, "eps", self.eps)
-        return self
+        check_range(fn, "eps", self.eps, high_inclusive=False)
 
     def init(self) -> ZScoreState:
-        zero = jnp.zeros((), jnp.float32)
-        return ZScoreState(jnp.zeros((), jnp.int32), zero, zero)
+        return ZScoreState(
+            jnp.zeros((), jnp.int32), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)
+        )
 
-    def _spike(self, state: ZScoreState, norm: jax.Array):
-        """Whether ``norm`` is a spike, the value it is clipped to, and the std."""
+    def step(self, state: ZScoreState, norm: jax.Array, global_norm: jax.Array):
+        del global_norm
         z_thresh = _f32(self.z_thresh)
         # sqrt with a zero (not infinite) derivative at 0, for users who differentiate
         # through the optimizer.
@@ -289,21 +339,11 @@ class ZScore:
             clipped = state.mean + z_thresh**2 * std / jnp.where(spike, z, 1)
         else:
             clipped = state.mean
-        return spike, clipped, std
-
-    def threshold(self, state: ZScoreState, norm: jax.Array, global_norm: jax.Array) -> jax.Array:
-        del global_norm
-        spike, clipped, std = self._spike(state, norm)
         # Outside spikes, report the largest norm that is not a spike (z == z_thresh).
         boundary = state.mean + _f32(self.z_thresh) * (std + _f32(self.eps))
         calm = jnp.where(norm > boundary, norm, boundary)  # rounding at z == z_thresh
         adaptive = jnp.where(spike, clipped, calm)
         threshold = jnp.where(state.count >= self.warmup_steps, adaptive, jnp.inf)
-        return _cap(threshold, self.max_norm)
-
-    def advance(self, state: ZScoreState, norm: jax.Array, global_norm: jax.Array) -> ZScoreState:
-        del global_norm
-        spike, clipped, _ = self._spike(state, norm)
         # Warm-up: running mean and population variance (Welford), exact for the sample.
         n = (state.count + 1).astype(jnp.float32)
         delta = norm - state.mean
@@ -318,9 +358,10 @@ class ZScore:
         # Squares of norms beyond ~1e19 overflow float32; a variance clamped to the
         # largest float (instead of inf) decays back once the norms are ordinary again.
         variance = jnp.minimum(jnp.where(warm, warm_var, ema_var), jnp.finfo(jnp.float32).max)
-        return ZScoreState(
+        new_state = ZScoreState(
             optax.safe_increment(state.count), jnp.where(warm, warm_mean, ema_mean), variance
         )
+        return _cap(threshold, self.max_norm), new_state
 
 
 def zscore(
@@ -381,7 +422,7 @@ def zscore(
       >>> print(f"{logs['adaptive_clip/norm']:.1f} -> {logs['adaptive_clip/clipped_norm']:.2f}")
       9.0 -> 1.02
     """
-    return ZScore(z_thresh, decay, warmup_steps, mode, max_norm, eps).validate("rules.zscore")
+    return build("rules.zscore", ZScore, z_thresh, decay, warmup_steps, mode, max_norm, eps)
 
 
 # --------------------------------------------------------------------------------------
@@ -396,35 +437,30 @@ class EMAState(NamedTuple):
 
 
 @dataclasses.dataclass(frozen=True)
-class EMA:
+class EMA(_Validated):
     """A multiple of the EMA of past norms; build it with :func:`ema`."""
 
     factor: Any = 2.0
     decay: Any = 0.99
     warmup_steps: Any = 100
 
-    def validate(self, fn: str) -> EMA:
-        """Checks concrete hyperparameters, naming ``fn`` in errors; returns ``self``."""
+    def validate(self, fn: str) -> None:
         check_range(fn, "factor", self.factor, low_inclusive=False)
         check_range(fn, "decay", self.decay, 0.0, 1.0)
         check_count(fn, "warmup_steps", self.warmup_steps, minimum=1)
-        return self
 
     def init(self) -> EMAState:
         return EMAState(jnp.zeros((), jnp.int32), jnp.zeros((), jnp.float32))
 
-    def threshold(self, state: EMAState, norm: jax.Array, global_norm: jax.Array) -> jax.Array:
-        del norm, global_norm
-        warmed = state.count >= self.warmup_steps
-        return jnp.where(warmed, _f32(self.factor) * state.mean, jnp.inf)
-
-    def advance(self, state: EMAState, norm: jax.Array, global_norm: jax.Array) -> EMAState:
-        clipped = jnp.minimum(norm, self.threshold(state, norm, global_norm))
+    def step(self, state: EMAState, norm: jax.Array, global_norm: jax.Array):
+        del global_norm
         warm = state.count < self.warmup_steps
+        threshold = jnp.where(warm, jnp.inf, _f32(self.factor) * state.mean)
+        clipped = jnp.minimum(norm, threshold)
         # Warm-up averages with weight 1/n (a plain mean), then with weight 1 - decay.
         weight = jnp.where(warm, 1 / (state.count + 1).astype(jnp.float32), 1 - _f32(self.decay))
         mean = state.mean + weight * (clipped - state.mean)
-        return EMAState(optax.safe_increment(state.count), mean)
+        return threshold, EMAState(optax.safe_increment(state.count), mean)
 
 
 def ema(
@@ -461,7 +497,7 @@ def ema(
       >>> print(f"{gradclip_jax.stats(state)['adaptive_clip/clipped_norm']:.1f}")
       4.0
     """
-    return EMA(factor, decay, warmup_steps).validate("rules.ema")
+    return build("rules.ema", EMA, factor, decay, warmup_steps)
 
 
 # --------------------------------------------------------------------------------------
@@ -475,35 +511,27 @@ class QuantileState(NamedTuple):
 
 
 @dataclasses.dataclass(frozen=True)
-class Quantile:
+class Quantile(_Validated):
     """Online quantile tracking; build it with :func:`quantile`."""
 
     target: Any = 0.5
     learning_rate: Any = 0.2
     initial: Any = 1.0
 
-    def validate(self, fn: str) -> Quantile:
-        """Checks concrete hyperparameters, naming ``fn`` in errors; returns ``self``."""
+    def validate(self, fn: str) -> None:
         check_range(fn, "target", self.target, 0.0, 1.0)
-        check_range(fn, "learning_rate", self.learning_rate)
-        check_range(fn, "initial", self.initial, low_inclusive=False, high_inclusive=False)
-        return self
+        check_range(fn, "learning_rate", self.learning_rate, high_inclusive=False)
+        check_positive_finite(fn, "initial", self.initial)
 
     def init(self) -> QuantileState:
         return QuantileState(_f32(self.initial))
 
-    def threshold(self, state: QuantileState, norm: jax.Array, global_norm: jax.Array) -> jax.Array:
-        del norm, global_norm
-        return state.threshold
-
-    def advance(
-        self, state: QuantileState, norm: jax.Array, global_norm: jax.Array
-    ) -> QuantileState:
+    def step(self, state: QuantileState, norm: jax.Array, global_norm: jax.Array):
         del global_norm
         below = (norm <= state.threshold).astype(jnp.float32)
-        return QuantileState(self.step(state.threshold, below))
+        return state.threshold, QuantileState(self.adjust(state.threshold, below))
 
-    def step(self, threshold: jax.Array, unclipped: jax.Array) -> jax.Array:
+    def adjust(self, threshold: jax.Array, unclipped: jax.Array) -> jax.Array:
         """Andrew et al.'s update ``C * exp(-lr * (b - target))``.
 
         ``b`` is the unclipped indicator (0 or 1), or a fraction of unclipped examples
@@ -554,7 +582,7 @@ def quantile(
       >>> print(f"{gradclip_jax.stats(state)['adaptive_clip/threshold']:.4f}")
       1.1052
     """
-    return Quantile(target, learning_rate, initial).validate("rules.quantile")
+    return build("rules.quantile", Quantile, target, learning_rate, initial)
 
 
 # --------------------------------------------------------------------------------------
@@ -569,7 +597,7 @@ class AdaGCState(NamedTuple):
 
 
 @dataclasses.dataclass(frozen=True)
-class AdaGC:
+class AdaGC(_Validated):
     """The AdaGC rule; build it with :func:`adagc`."""
 
     abs_max: Any = 1.0
@@ -577,39 +605,34 @@ class AdaGC:
     decay: Any = 0.98
     warmup_steps: Any = 100
 
-    def validate(self, fn: str) -> AdaGC:
-        """Checks concrete hyperparameters, naming ``fn`` in errors; returns ``self``."""
+    def validate(self, fn: str) -> None:
         check_threshold(fn, "abs_max", self.abs_max)
-        check_range(fn, "relative", self.relative, low_inclusive=False)
+        check_range(fn, "relative", self.relative, 1.0, high_inclusive=False)
         check_range(fn, "decay", self.decay, 0.0, 1.0)
         check_count(fn, "warmup_steps", self.warmup_steps)
-        return self
 
     def init(self) -> AdaGCState:
         return AdaGCState(jnp.zeros((), jnp.int32), jnp.array(jnp.inf, jnp.float32))
 
-    def _warm(self, state: AdaGCState) -> jax.Array:
+    def step(self, state: AdaGCState, norm: jax.Array, global_norm: jax.Array):
         # A block that has only seen zero norms has no scale yet: it stays in warm-up.
-        return (state.count < self.warmup_steps) | jnp.isinf(state.gamma)
-
-    def threshold(self, state: AdaGCState, norm: jax.Array, global_norm: jax.Array) -> jax.Array:
-        abs_max = _f32(self.abs_max)
+        warm = (state.count < self.warmup_steps) | jnp.isinf(state.gamma)
         # Global clipping at abs_max, expressed as this block's share of the budget.
         positive = global_norm > 0
-        share = abs_max * jnp.where(positive, norm / jnp.where(positive, global_norm, 1), 1)
-        return jnp.where(self._warm(state), share, _f32(self.relative) * state.gamma)
-
-    def advance(self, state: AdaGCState, norm: jax.Array, global_norm: jax.Array) -> AdaGCState:
-        clipped = jnp.minimum(norm, self.threshold(state, norm, global_norm))
+        share = _f32(self.abs_max) * jnp.where(
+            positive, norm / jnp.where(positive, global_norm, 1), 1
+        )
+        threshold = jnp.where(warm, share, _f32(self.relative) * state.gamma)
+        clipped = jnp.minimum(norm, threshold)
         decay = _f32(self.decay)
         gamma = jnp.where(
-            self._warm(state),
+            warm,
             jnp.minimum(state.gamma, clipped),
             decay * state.gamma + (1 - decay) * clipped,
         )
         # A zero norm (a frozen or unused parameter) says nothing about the scale.
         gamma = jnp.where(clipped > 0, gamma, state.gamma)
-        return AdaGCState(optax.safe_increment(state.count), gamma)
+        return threshold, AdaGCState(optax.safe_increment(state.count), gamma)
 
 
 def adagc(
@@ -638,7 +661,8 @@ def adagc(
     Args:
       abs_max: the global-norm threshold during warm-up, ``>= 0`` (the paper's
         lambda_abs).
-      relative: the multiple of ``gamma`` allowed after warm-up, ``> 0`` (lambda_rel).
+      relative: the multiple of ``gamma`` allowed after warm-up, ``>= 1`` (lambda_rel;
+        below 1 the threshold would decay towards 0).
       decay: the EMA decay of ``gamma`` (beta), in [0, 1].
       warmup_steps: the number of global-clipping steps, an integer ``>= 0``.
 
@@ -662,4 +686,111 @@ def adagc(
       >>> print(f"{gradclip_jax.stats(state)['adaptive_clip/clipped_norm']:.3f}")  # b: 1.05 * 0.4
       0.516
     """
-    return AdaGC(abs_max, relative, decay, warmup_steps).validate("rules.adagc")
+    return build("rules.adagc", AdaGC, abs_max, relative, decay, warmup_steps)
+
+
+# --------------------------------------------------------------------------------------
+# Mean plus a multiple of the standard deviation over a window (spike detection).
+
+# How far (relative to the window's mean) the spread is floored, so that float round-off
+# on a constant history is not mistaken for a spike.
+_RELATIVE_SPREAD_FLOOR = 1e-6
+
+
+class MeanStdState(NamedTuple):
+    """State of the :func:`mean_std` rule: a ring buffer of recent (clamped) values."""
+
+    values: jax.Array  # (window,) float32; the first min(count, window) slots are used
+    count: jax.Array  # () int32, values entered so far; the next slot is count % window
+
+
+@dataclasses.dataclass(frozen=True)
+class MeanStd(_Validated):
+    """``mean + sigma * std`` of a window; build it with :func:`mean_std`."""
+
+    window: Any = 128
+    sigma: Any = 6.0
+    min_history: Any = None
+
+    def validate(self, fn: str) -> None:
+        check_count(fn, "window", self.window, minimum=2)
+        check_range(fn, "sigma", self.sigma, low_inclusive=False)
+        if self.min_history is not None:
+            check_count(fn, "min_history", self.min_history, minimum=2)
+            window = np.asarray(self.window) if not _traced(self.window) else None
+            history = np.asarray(self.min_history) if not _traced(self.min_history) else None
+            if window is not None and history is not None and history > window:
+                raise ValueError(
+                    f"{fn}: `min_history` must lie in [2, window={self.window}]; got "
+                    f"{self.min_history!r}. The window never holds more than `window` values."
+                )
+
+    def init(self) -> MeanStdState:
+        size = state_size("rules.mean_std", "window", self.window)
+        return MeanStdState(jnp.zeros((size,), jnp.float32), jnp.zeros((), jnp.int32))
+
+    def step(self, state: MeanStdState, norm: jax.Array, global_norm: jax.Array):
+        del global_norm
+        size = state.values.shape[0]
+        needed = max(2, size // 2) if self.min_history is None else self.min_history
+        filled = jnp.minimum(state.count, size)
+        valid = jnp.arange(size) < filled
+        n = jnp.maximum(filled, 1).astype(jnp.float32)
+        mean = jnp.sum(jnp.where(valid, state.values, 0)) / n
+        squares = jnp.sum(jnp.where(valid, (state.values - mean) ** 2, 0))
+        std = jnp.sqrt(squares / jnp.maximum(n - 1, 1))  # Bessel's correction
+        spread = jnp.maximum(std, _RELATIVE_SPREAD_FLOOR * jnp.abs(mean))
+        # Without spread no deviation can be measured: a finite threshold would reject
+        # every later step.
+        has_spread = spread > 0
+        bound = mean + _f32(self.sigma) * jnp.where(has_spread, spread, 1)
+        ready = (state.count >= needed) & has_spread
+        threshold = jnp.where(ready, bound, jnp.inf)
+        # A value enters clamped to the threshold it exceeded: one spike moves the
+        # statistics no more than a borderline value, a lasting change still gets in.
+        entered = jnp.minimum(norm.astype(jnp.float32), threshold)
+        values = state.values.at[state.count % size].set(entered)
+        return threshold, MeanStdState(values, optax.safe_increment(state.count))
+
+
+def mean_std(
+    window: int | jax.Array = 128,
+    sigma: float | jax.Array = 6.0,
+    min_history: int | jax.Array | None = None,
+) -> MeanStd:
+    """The mean of the last ``window`` values plus ``sigma`` standard deviations.
+
+    The spike test of :func:`gradclip_jax.skip_on_spike` (its default rule), usable with
+    :func:`gradclip_jax.adaptive_clip` too. The threshold is ``inf`` until the window
+    holds ``min_history`` values (default ``max(2, window // 2)``) and while its spread
+    is zero. The standard deviation uses Bessel's correction and is floored at ``1e-6 *
+    |mean|`` so that round-off on a constant history is no spike. A value enters the
+    window clamped to the threshold it exceeded (the reasoning of ZClip, which updates
+    its statistics with the clipped norm): a single x1000 spike moves the statistics no
+    more than a borderline value, while a lasting jump raises the threshold
+    geometrically and is accepted after a few dozen steps.
+
+    Args:
+      window: number of recent values kept, an integer ``>= 2``; it sets the state's
+        size, so it must be concrete when the state is created.
+      sigma: how many standard deviations above the mean the threshold lies, ``> 0``.
+      min_history: values needed before the threshold is finite, in ``[2, window]``.
+
+    Returns:
+      A :class:`MeanStd` rule.
+
+    References:
+      Chowdhery et al., `PaLM: Scaling Language Modeling with Pathways
+      <https://arxiv.org/abs/2204.02311>`_, 2022
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import gradclip_jax
+      >>> rule = gradclip_jax.rules.mean_std(window=4, sigma=3.0, min_history=2)
+      >>> state = rule.init()
+      >>> for value in (1.0, 1.2, 0.8):
+      ...     threshold, state = rule.step(state, jnp.float32(value), None)
+      >>> print(f"{threshold:.2f}")  # mean 1.1, std 0.141: 1.1 + 3 * 0.141
+      1.52
+    """
+    return build("rules.mean_std", MeanStd, window, sigma, min_history)

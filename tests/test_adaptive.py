@@ -322,11 +322,11 @@ def test_global_norm_across_a_mapped_axis():
 @pytest.mark.parametrize(
     "factory, kwargs, message",
     [
-        (gradclip_jax.zclip, {"z_thresh": -1.0}, "zclip: `z_thresh` must lie in [0.0, inf]"),
+        (gradclip_jax.zclip, {"z_thresh": -1.0}, "zclip: `z_thresh` must lie in [0.0, inf)"),
         (gradclip_jax.zclip, {"mode": "median"}, "zclip: `mode` must be one of"),
         (gradclip_jax.autoclip, {"p": 120.0}, "autoclip: `p` must lie in [0.0, 100.0]"),
-        (gradclip_jax.autoclip, {"history": 0}, "autoclip: `history` must be an integer >= 1"),
-        (gradclip_jax.adagc, {"relative": -1.0}, "adagc: `relative` must lie in (0.0, inf]"),
+        (gradclip_jax.autoclip, {"history": 0}, "autoclip: `history` must be an integer in [1,"),
+        (gradclip_jax.adagc, {"relative": 0.5}, "adagc: `relative` must lie in [1.0, inf)"),
         (gradclip_jax.quantile_clip, {"target": 2.0}, "quantile_clip: `target` must lie in"),
         (gradclip_jax.adaptive_clip, {"granularity": "unit"}, "adaptive_clip: `granularity`"),
     ],
@@ -352,11 +352,8 @@ class _GrowingRule:
     def init(self):
         return _GrowingState(jnp.zeros((1,)))
 
-    def threshold(self, state, norm, global_norm):
-        return jnp.inf
-
-    def advance(self, state, norm, global_norm):
-        return _GrowingState(jnp.append(state.norms, norm))
+    def step(self, state, norm, global_norm):
+        return jnp.inf, _GrowingState(jnp.append(state.norms, norm))
 
 
 def test_a_rule_whose_state_changes_shape_is_rejected():
@@ -404,7 +401,8 @@ def test_zclip_tames_injected_gradient_spikes_in_training():
                 params, state = carry
                 grads = jax.grad(lambda p: m * loss_fn(p))(params)
                 updates, state = tx.update(grads, state, params)
-                clipped = gradclip_jax.stats(state).get("zclip/clipped", jnp.zeros(()))
+                logs = gradclip_jax.stats(state, missing="ignore")
+                clipped = logs.get("zclip/clipped", jnp.zeros(()))
                 return (optax.apply_updates(params, updates), state), clipped
 
             init = (params, tx.init(params))

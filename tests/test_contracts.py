@@ -5,6 +5,7 @@ New transformations join by adding a line to ``FACTORIES``.
 """
 
 import pickle
+from typing import NamedTuple
 
 import chex
 import jax
@@ -14,6 +15,7 @@ import optax
 import pytest
 
 import gradclip_jax
+from gradclip_jax import ClipStats
 
 # name -> (factory, the threshold-like argument to inject and vary, two values of it)
 FACTORIES = {
@@ -168,9 +170,13 @@ def test_stats_found_in_masked_and_named_duplicates():
     np.testing.assert_allclose(logs["clip_by_global_norm/norm"], 2.0 * np.sqrt(12), rtol=1e-6)
 
 
-def test_stats_empty_without_clipper():
+def test_stats_without_clipper_warns_raises_or_stays_silent():
     state = optax.adam(1e-3).init(PARAMS)
-    assert gradclip_jax.stats(state) == {}
+    with pytest.warns(UserWarning, match="no clipper statistics"):
+        assert gradclip_jax.stats(state) == {}
+    with pytest.raises(ValueError, match="no clipper statistics"):
+        gradclip_jax.stats(state, missing="raise")
+    assert gradclip_jax.stats(state, missing="ignore") == {}
 
 
 def test_stats_found_in_nnx_optimizer():
@@ -192,12 +198,79 @@ def test_stats_found_in_nnx_optimizer():
     assert float(logs["clip_by_global_norm/clipped_norm"]) == pytest.approx(1e-3, rel=1e-5)
 
 
-def test_owner_names():
-    from gradclip_jax._stats import owner_name
+def _two_clippers_chain():
+    return optax.chain(
+        gradclip_jax.clip_by_global_norm(1.0, name="outer"),
+        gradclip_jax.zclip(name="spikes"),
+        gradclip_jax.clip_by_global_norm(0.5),
+        optax.sgd(0.1),
+    )
 
-    names = [
-        owner_name(gradclip_jax.ClipByBlockRMSState(None)),
-        owner_name(gradclip_jax.AGCState(None)),
-        owner_name(gradclip_jax.ClipByGlobalNormState(None)),
-    ]
-    assert names == ["clip_by_block_rms", "agc", "clip_by_global_norm"]
+
+def _stepped_state():
+    tx = _two_clippers_chain()
+    state = tx.init(PARAMS)
+    _, state = tx.update(jax.tree.map(lambda x: 10 * jnp.ones_like(x), PARAMS), state, PARAMS)
+    return state
+
+
+def test_stats_keys_come_from_names_not_classes():
+    logs = gradclip_jax.stats(_stepped_state())
+    prefixes = {key.split("/")[0] for key in logs}
+    assert prefixes == {"outer", "spikes", "clip_by_global_norm"}
+    assert float(logs["outer/threshold"]) == 1.0
+    assert float(logs["clip_by_global_norm/threshold"]) == 0.5
+
+
+def test_the_same_name_twice_is_numbered_in_tree_order():
+    tx = optax.chain(gradclip_jax.clip_by_value(1.0), gradclip_jax.clip_by_value(2.0))
+    state = tx.init(PARAMS)
+    _, state = tx.update(PARAMS, state, PARAMS)
+    logs = gradclip_jax.stats(state)
+    assert float(logs["clip_by_value/threshold"]) == 1.0
+    assert float(logs["clip_by_value_1/threshold"]) == 2.0
+
+
+@pytest.mark.parametrize("name", ["", "a/b", 3])
+def test_a_bad_name_is_rejected(name):
+    with pytest.raises(ValueError, match="`name` must be a non-empty string"):
+        gradclip_jax.clip_by_global_norm(1.0, name=name)
+
+
+def test_stats_found_in_plain_dicts_of_a_restored_checkpoint():
+    state = _stepped_state()
+    expected = gradclip_jax.stats(state)
+
+    def as_plain(node):  # what a checkpoint restored without a target holds
+        leaves = jax.tree_util.tree_flatten_with_path(node)[0]
+        plain: dict = {}
+        for path, leaf in leaves:
+            cursor = plain
+            keys = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
+            for key in keys[:-1]:
+                cursor = cursor.setdefault(key, {})
+            cursor[keys[-1]] = np.asarray(leaf)
+        return plain
+
+    restored = gradclip_jax.stats(as_plain(state))
+    assert set(restored) == set(expected)
+    for key, value in expected.items():
+        np.testing.assert_array_equal(restored[key], value)
+
+
+def test_stats_found_in_nnx_state_and_split():
+    nnx = pytest.importorskip("flax.nnx")
+    model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, _two_clippers_chain(), wrt=nnx.Param)
+    expected = gradclip_jax.stats(optimizer.opt_state)
+    assert set(gradclip_jax.stats(nnx.state(optimizer))) == set(expected)
+    _, state = nnx.split(optimizer)
+    assert set(gradclip_jax.stats(state)) == set(expected)
+
+
+def test_a_stats_field_that_is_no_record_is_ignored():
+    class Odd(NamedTuple):
+        stats: jax.Array
+
+    state = (Odd(jnp.zeros(3)), gradclip_jax.clip_by_value(1.0).init(None))
+    assert set(gradclip_jax.stats(state)) == {f"clip_by_value/{f}" for f in ClipStats._fields}

@@ -158,13 +158,24 @@ def test_float64_leaves_accumulate_in_float64():
         np.testing.assert_allclose(norm, 1e200)
 
 
-def test_traced_ord_selects_the_right_norm():
+def test_ord_is_structural_a_traced_ord_says_to_make_it_static():
     x = jnp.array([3.0, -4.0])
-    fn = jax.jit(lambda o: gradclip_jax.global_norm(x, o))
-    assert [float(fn(o)) for o in (1, 2, jnp.inf)] == [7.0, 5.0, 4.0]
+    assert [float(gradclip_jax.global_norm(x, o)) for o in (1, 2, jnp.inf, None)] == [
+        7.0,
+        5.0,
+        4.0,
+        5.0,
+    ]
+    with pytest.raises(ValueError, match=r"`ord` chooses .* static_args=\('ord',\)"):
+        jax.jit(lambda o: gradclip_jax.global_norm(x, o))(2)
+    # inject_hyperparams binds defaults too: the default ord (None) is not injected.
+    tx = optax.inject_hyperparams(gradclip_jax.clip_by_global_norm)(max_norm=1.0)
+    updates, state = jax.jit(tx.update)(x, tx.init(x))
+    assert set(state.hyperparams) == {"max_norm"}
+    np.testing.assert_allclose(updates, [0.6, -0.8], rtol=1e-6)
 
 
-@pytest.mark.parametrize("ord", [0, 3, -1, "fro", None])
+@pytest.mark.parametrize("ord", [0, 3, -1, "fro", True])
 def test_bad_ord_is_rejected(ord):
     with pytest.raises(ValueError, match="global_norm: `ord`"):
         gradclip_jax.global_norm(jnp.ones(2), ord)

@@ -184,7 +184,7 @@ def test_zero_threshold_on_zero_gradients_gives_zeros(name):
     tx = getattr(gradclip_jax, name)(0.0)
     out, state = tx.update(grads, tx.init(grads), grads)
     chex.assert_trees_all_equal(out, grads)
-    for value in state.stats:
+    for value in state.stats.record:
         assert np.all(np.isfinite(value))
     if name == "clip_by_global_norm":
         optax_out, _ = optax.clip_by_global_norm(0.0).update(grads, None)

@@ -266,7 +266,7 @@ def _step(config, model_graphdef, optimizer_graphdefs, carry, step, seed_key):
         updated_models.append(nnx.state(model))
         updated_optimizers.append(nnx.state(optimizer))
         finite.append(_all_finite(updated_optimizers[-1]))
-        stats.append(gradclip_jax.stats(optimizer.opt_state))
+        stats.append(gradclip_jax.stats(optimizer.opt_state, missing="ignore"))
     updated = jax.tree.map(lambda *x: jnp.stack(x), *updated_models)
     finite = jnp.stack(finite) & jnp.isfinite(losses) & jax.vmap(_all_finite)(updated)
     active = (diverged_at < 0) & (step < config.steps)
