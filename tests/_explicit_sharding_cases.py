@@ -73,8 +73,11 @@ TRANSFORMS: dict[str, Callable[[], optax.GradientTransformation]] = {
     "dp_aggregate_quantile": lambda: gc.dp_aggregate(
         rules.quantile(initial=1.0), noise_multiplier=0.5, seed=3, clipped_count_stddev=1.0
     ),
+    # The same, on per-example gradients split along the batch (data parallel).
+    "dp_aggregate_batch_split": lambda: gc.dp_aggregate(1.0, noise_multiplier=0.5, seed=3),
 }
-PER_EXAMPLE = {"dp_aggregate", "dp_aggregate_quantile"}
+PER_EXAMPLE = {"dp_aggregate", "dp_aggregate_quantile", "dp_aggregate_batch_split"}
+BATCH_SPLIT = {"dp_aggregate_batch_split"}
 # Mesh axis types; explicit axes traced both with and without `jax.set_mesh`.
 MESHES = {
     "explicit": (AxisType.Explicit, False),
@@ -153,9 +156,11 @@ def test_matches_single_device_and_keeps_shardings(mesh, name):
     per_example = name in PER_EXAMPLE
     shardings = {key: NamedSharding(mesh, spec) for key, (_, spec) in LAYOUTS.items()}
     # Per-example gradients: a leading batch axis, each example laid out like the
-    # parameters.
+    # parameters, or the batch split over the devices.
     grad_shardings = {
-        key: NamedSharding(mesh, P(None, *spec) if per_example else spec)
+        key: NamedSharding(
+            mesh, P("d") if name in BATCH_SPLIT else P(None, *spec) if per_example else spec
+        )
         for key, (_, spec) in LAYOUTS.items()
     }
     params, steps = _tree(0), _steps(per_example)
@@ -174,7 +179,8 @@ def test_matches_single_device_and_keeps_shardings(mesh, name):
     ):
         _assert_close(updates, expected_updates, f"step {step} updates")
         _assert_close(stats, expected_stats, f"step {step} stats")
-        for key, leaf in updates.items():
+        # An update has no batch axis: with the batch split there is no layout to keep.
+        for key, leaf in ({} if name in BATCH_SPLIT else updates).items():
             kept = leaf.sharding.is_equivalent_to(shardings[key], leaf.ndim)
             assert kept, (
                 f"step {step}: update {key!r} has sharding {leaf.sharding.spec}; "
