@@ -12,6 +12,7 @@ processes.
 
 import os
 import pickle
+import re
 import signal
 import socket
 import subprocess
@@ -44,10 +45,9 @@ def _end(proc: subprocess.Popen) -> None:
         proc.wait(timeout=30)
 
 
-@pytest.fixture(scope="module")
-def processes(tmp_path_factory) -> list[dict]:
-    """Each process's results; fails with both logs when a process fails or hangs."""
-    out = tmp_path_factory.mktemp("multihost")
+def _run_two(command: list[str], out: Path) -> list[str]:
+    """Runs ``command + [process id]`` as processes 0 and 1; their logs. Fails with both
+    logs when a process fails or they do not finish in time; ends both either way."""
     env = dict(
         os.environ,
         JAX_PLATFORMS="cpu",
@@ -55,7 +55,6 @@ def processes(tmp_path_factory) -> list[dict]:
         XLA_FLAGS="--xla_backend_optimization_level=0",
         PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
     )
-    port = _free_port()
     logs = [out / f"process_{i}.log" for i in range(2)]
     procs: list[subprocess.Popen] = []
     try:
@@ -63,11 +62,11 @@ def processes(tmp_path_factory) -> list[dict]:
             with open(log, "w") as log_file:
                 procs.append(
                     subprocess.Popen(
-                        [sys.executable, str(WORKER), str(port), str(i), str(out)],
+                        [sys.executable, command[0], str(i), *command[1:]],
                         stdout=log_file,
                         stderr=subprocess.STDOUT,
                         env=env,
-                        cwd=ROOT,
+                        cwd=out,
                         start_new_session=True,  # its own process group, killed as one
                     )
                 )
@@ -83,10 +82,19 @@ def processes(tmp_path_factory) -> list[dict]:
         for proc in procs:
             _end(proc)
     codes = [p.returncode for p in procs]
+    texts = [log.read_text() for log in logs]
     if codes != [0, 0]:
-        text = "\n".join(f"--- process {i}:\n{p.read_text()[-5000:]}" for i, p in enumerate(logs))
+        text = "\n".join(f"--- process {i}:\n{t[-5000:]}" for i, t in enumerate(texts))
         reason = "did not finish in time" if timed_out else "failed"
         pytest.fail(f"the processes {reason} (exit statuses {codes}).\n{text}", pytrace=False)
+    return texts
+
+
+@pytest.fixture(scope="module")
+def processes(tmp_path_factory) -> list[dict]:
+    """Each worker process's results."""
+    out = tmp_path_factory.mktemp("multihost")
+    _run_two([str(WORKER), str(_free_port()), str(out)], out)
     return [pickle.loads((out / f"process_{i}.pkl").read_bytes()) for i in range(2)]
 
 
@@ -137,3 +145,21 @@ def test_two_processes_match_one_device(processes, reference, case):
         _assert_close(updates, expected["updates"][step], f"step {step} updates")
         _assert_close(stats, expected["stats"][step], f"step {step} stats")
     _assert_close(first["params"], expected["params"], "final parameters")
+
+
+@pytest.mark.slow
+def test_multi_host_page_program_runs_on_two_processes(tmp_path):
+    """docs/multi_host.md's train.py, run as the page says (process id, port, directory)."""
+    page = (ROOT / "docs" / "multi_host.md").read_text()
+    program = re.search(r"```\{code-block\} python\n:caption: train.py\n\n(.*?)\n```", page, re.S)
+    assert program, "docs/multi_host.md has no train.py block"
+    (tmp_path / "train.py").write_text(program.group(1))
+    logs = _run_two(["train.py", str(_free_port()), str(tmp_path / "checkpoints")], tmp_path)
+    steps = re.findall(r"^step (\d): norm ([\d.]+), threshold (\S+)$", logs[0], re.M)
+    assert [int(s[0]) for s in steps] == list(range(6)), logs[0]
+    assert not re.search(r"^step ", logs[1], re.M), "only process 0 logs"
+    norm, threshold = float(steps[4][1]), float(steps[4][2])
+    assert norm > 5 * threshold, f"the spike is clipped: {steps[4]}"
+    restored = [re.search(r"^process \d: restored, threshold (\S+)$", log, re.M) for log in logs]
+    assert all(restored), logs
+    assert restored[0].group(1) == restored[1].group(1) == steps[-1][2]
