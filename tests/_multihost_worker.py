@@ -1,7 +1,7 @@
 """One of the two processes of ``tests/test_multihost.py``: 4 CPU devices each, one
 global mesh of 8 over both, JAX's multi-controller runtime on the loopback address.
 
-    python tests/_multihost_worker.py PORT PROCESS_ID OUT_DIR
+    python tests/_multihost_worker.py PROCESS_ID PORT OUT_DIR
 
 Process 0 runs the coordinator on ``127.0.0.1:PORT``. Each process builds the same global
 arrays (``jax.make_array_from_callback`` for parameters and gradients,
@@ -275,7 +275,7 @@ def _shard_map_cases() -> dict[str, Any]:
     return results
 
 
-def main(port: int, process_id: int, out_dir: str) -> int:
+def main(process_id: int, port: int, out_dir: str) -> int:
     jax.config.update("jax_num_cpu_devices", LOCAL_DEVICES)
     address = f"127.0.0.1:{port}"
     jax.distributed.initialize(
