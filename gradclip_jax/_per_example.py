@@ -16,8 +16,8 @@ deviation ``noise_multiplier * C`` hides it. The input here is therefore a tree 
 
 Norms are L2 (the sensitivity DP noise is calibrated to), accumulated in float32 at
 least, overflow-safe per example (one ``lax.cond`` for the whole batch) and zero-safe,
-like every norm of this library. Clipped sums are ``scale @ grads`` over the batch axis
-at full precision (``Precision.HIGHEST``, so TPUs do not round to bfloat16).
+like every norm of this library. Clipped sums are scaled sums over the batch axis in float32 at least (a plain sum, not
+a contraction, so a batch sharded across devices needs no output sharding).
 
 Data parallelism: examples never straddle devices, so per-example norms need no
 collective; :func:`dp_aggregate` takes ``axis_name`` to sum the clipped gradients and
@@ -101,17 +101,16 @@ def _clip_and_sum(leaves, max_norm, granularity, uniform) -> _Clipped:
         # The examples' global norms from their leaves' norms, without overflowing.
         wide = jnp.result_type(*norms)
         total = norm_of_norms(jnp.stack([n.astype(wide) for n in norms]), 2, axis=0)
-    sums = []
-    for x, scale in zip(leaves, scales):
-        acc = accumulation_dtype(x.dtype)
-        sums.append(
-            jnp.tensordot(
-                scale.astype(acc),
-                x.astype(wide_dtype(x.dtype)),
-                axes=1,
-                precision=lax.Precision.HIGHEST,
-            )
+    # A scaled sum over the batch, not a contraction: XLA reads the same values, and a
+    # batch axis sharded across devices needs no output sharding to be chosen.
+    sums = [
+        jnp.sum(
+            x.astype(wide_dtype(x.dtype))
+            * scale.astype(accumulation_dtype(x.dtype)).reshape((-1,) + (1,) * (x.ndim - 1)),
+            axis=0,
         )
+        for x, scale in zip(leaves, scales)
+    ]
     if granularity == "global":
         return _Clipped(sums, total, scales[0] < 1, [])
     clipped = jnp.any(jnp.stack([s < 1 for s in scales]), axis=0)
