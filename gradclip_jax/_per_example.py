@@ -16,8 +16,9 @@ deviation ``noise_multiplier * C`` hides it. The input here is therefore a tree 
 
 Norms are L2 (the sensitivity DP noise is calibrated to), accumulated in float32 at
 least, overflow-safe per example (one ``lax.cond`` for the whole batch) and zero-safe,
-like every norm of this library. Clipped sums are scaled sums over the batch axis in float32 at least (a plain sum, not
-a contraction, so a batch sharded across devices needs no output sharding).
+like every norm of this library. Clipped sums are scaled sums over the batch axis in
+float32 at least (a plain sum, not a contraction, so a batch sharded across devices
+needs no output sharding).
 
 Data parallelism: examples never straddle devices, so per-example norms need no
 collective; :func:`dp_aggregate` takes ``axis_name`` to sum the clipped gradients and
