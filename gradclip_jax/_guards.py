@@ -395,9 +395,16 @@ def _error_reporter(
 ) -> Callable[[Any, Any, Any], None]:
     """The host function the error callback calls; it runs only on a bad step."""
 
-    def report(finite, consecutive, limit) -> None:
-        # Under vmap the callback sees a batch of flags: a leaf is bad if bad anywhere.
-        bad = ~np.asarray(finite, bool).reshape(-1, len(paths)).all(axis=0)
+    def report(alarm, finite, consecutive, limit) -> None:
+        # Under vmap (a sweep over states) the cond below becomes a select, so this runs
+        # on every step with a batch of flags: it raises only where some state alarms,
+        # and reports the leaves bad in those.
+        alarm = np.asarray(alarm, bool).reshape(-1)
+        if not alarm.any():
+            return
+        finite = np.asarray(finite, bool).reshape(-1, len(paths))
+        bad = ~finite[alarm].all(axis=0)
+        consecutive = np.asarray(consecutive).reshape(-1)[alarm]
         names = [path for path, b in zip(paths, bad) if b]
         listed = ", ".join(names[:_MAX_PATHS_SHOWN])
         if len(names) > _MAX_PATHS_SHOWN:
@@ -432,7 +439,7 @@ def _report_if(alarm, leaves, consecutive, limit, reporter) -> None:
 
     def report():
         flags = jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])
-        jax.debug.callback(reporter, flags, consecutive, jnp.asarray(limit, jnp.int32))
+        jax.debug.callback(reporter, alarm, flags, consecutive, jnp.asarray(limit, jnp.int32))
 
     lax.cond(alarm, report, lambda: None)
 

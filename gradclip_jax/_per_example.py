@@ -64,6 +64,11 @@ def _example_axes(x: jax.Array) -> tuple[int, ...]:
 
 
 def _batch_size(fn: str, tree: Any, leaves: list[jax.Array]) -> int:
+    if not leaves and jax.tree.leaves(tree):
+        raise ValueError(
+            f"{fn}: no floating-point leaf to clip: the per-example gradients' leaves are "
+            f"{sorted({str(jnp.asarray(x).dtype) for x in jax.tree.leaves(tree)})}."
+        )
     sizes = {x.shape[0] if x.ndim else None for x in leaves}
     if not leaves or None in sizes or len(sizes) != 1:
         shapes = jax.tree.map(jnp.shape, tree)
@@ -72,7 +77,10 @@ def _batch_size(fn: str, tree: Any, leaves: list[jax.Array]) -> int:
             f"batch as its leading axis (one size for all); got shapes {shapes}. Compute "
             "them with jax.vmap(jax.grad(loss), in_axes=(None, 0))(params, batch)."
         )
-    return sizes.pop()
+    batch = sizes.pop()
+    if batch == 0:
+        raise ValueError(f"{fn}: the batch is empty (a leading axis of size 0).")
+    return batch
 
 
 def _leaf_limits(leaves: list[jax.Array], max_norm: Any, uniform: bool) -> list[jax.Array]:
@@ -258,6 +266,24 @@ def _noised_means(sums, keys, leaves, noise_std, batch):
     ]
 
 
+def _checked_seed(fn: str, seed: Any, noise_multiplier: Any, max_norm: Any) -> Any:
+    """The seed, required with noise; an infinite clip norm only without noise."""
+    noiseless = not is_tracer(noise_multiplier) and np.asarray(noise_multiplier) == 0
+    if seed is None and not noiseless:
+        raise ValueError(
+            f"{fn}: pass `seed` (an integer or a JAX PRNG key) from a secret source, e.g. "
+            "seed=secrets.randbits(63): the noise must not be reproducible by others, as "
+            "a fixed default seed would be."
+        )
+    inf_norm = isinstance(max_norm, (int, float)) and math.isinf(max_norm)
+    if inf_norm and not noiseless:
+        raise ValueError(
+            f"{fn}: `max_norm`=inf bounds no example's contribution, so no noise can hide "
+            "it; use a finite clip norm (or noise_multiplier=0 for no privacy)."
+        )
+    return 0 if seed is None else seed
+
+
 def _dp_rule(fn: str, max_norm: Any) -> rules.Quantile | None:
     """The adaptive clip norm's rule, or ``None`` for a fixed clip norm (checked)."""
     if max_norm is None:
@@ -298,7 +324,7 @@ def _count_stddev(fn: str, batch: int, noise_multiplier: Any, clipped_count_stdd
 def dp_aggregate(
     max_norm: float | jax.Array | rules.Quantile | None = None,
     noise_multiplier: float | jax.Array = 1.0,
-    seed: int | jax.Array = 0,
+    seed: int | jax.Array | None = None,
     *,
     granularity: str = "global",
     uniform: bool = True,
@@ -344,9 +370,12 @@ def dp_aggregate(
         for an adaptive one, or ``None`` (default) for the adaptive defaults above.
       noise_multiplier: ``z >= 0``, the noise's standard deviation over the clip norm
         for the whole step; 0 adds no noise anywhere (no privacy).
-      seed: an integer seed or a JAX PRNG key; the key is carried in the state. Under
-        ``axis_name`` every device must use the same one: the noise is added once to
-        the sum over devices.
+      seed: an integer seed or a JAX PRNG key; the key is carried in the state. It is
+        required when ``noise_multiplier`` may be positive: a default, public seed
+        would let anyone regenerate the noise. Draw it from a secret source (e.g.
+        ``secrets.randbits(63)``) and keep it with the checkpoint. Under ``axis_name``
+        every device must use the same one: the noise is added once to the sum over
+        devices.
       granularity: ``"global"`` (one norm per example) or ``"leaf"`` (per leaf).
       uniform: with ``granularity="leaf"``, equal clip norms per leaf (``True``) or in
         proportion to the square root of the leaf's size (``False``).
@@ -400,6 +429,7 @@ def dp_aggregate(
     fn = "dp_aggregate"
     rule = _dp_rule(fn, max_norm)
     check_range(fn, "noise_multiplier", noise_multiplier)
+    seed = _checked_seed(fn, seed, noise_multiplier, max_norm)
     check_choice(fn, "granularity", granularity, _GRANULARITIES)
     if clipped_count_stddev is not None:
         check_range(fn, "clipped_count_stddev", clipped_count_stddev)
@@ -430,14 +460,17 @@ def dp_aggregate(
             multiplier = record_noise_multiplier(noise_multiplier, stddev)
         else:
             multiplier = jnp.asarray(noise_multiplier, jnp.float32)
-        noised = _noised_means(sums, keys, leaves, multiplier * clip_norm, batch)
+        noise_std = jnp.where(multiplier > 0, multiplier * clip_norm, 0.0)  # 0 * inf is NaN
+        noised = _noised_means(sums, keys, leaves, noise_std, batch)
         out = refill(updates, noised)
 
         rule_state = state.rule_state
         if adaptive:
             count_noise = jnp.asarray(stddev, jnp.float32) * jax.random.normal(keys[-1], ())
             fraction = (unclipped + count_noise) / batch
-            rule_state = rules.QuantileState(rule.adjust(clip_norm, fraction))
+            rule_state = rules.QuantileState(
+                rule.adjust(clip_norm, fraction).astype(state.rule_state.threshold.dtype)
+            )
         stats = state.stats.replace(
             state.stats.record.advance(
                 norm_sum / batch, clip_norm, global_norm(out), clipped_count / batch

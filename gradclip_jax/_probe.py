@@ -17,6 +17,7 @@ import numpy as np
 import optax
 
 from gradclip_jax._norms import global_norm, leaf_norms
+from gradclip_jax._validate import check_range
 
 __all__ = ["NormProbe", "probe_norms"]
 
@@ -74,11 +75,6 @@ class NormProbe(NamedTuple):
                 f"Pascanu et al. range (0.5x..10x mean): {low:.4g} .. {high:.4g}",
             ]
         )
-
-
-def _check_percentile(name: str, value: float) -> None:
-    if not 0.0 <= float(value) <= 100.0:
-        raise ValueError(f"probe_norms: `{name}` must be in [0, 100]; got {value!r}.")
 
 
 def probe_norms(
@@ -142,9 +138,9 @@ def probe_norms(
       7.071 7.071 70.71
       >>> tx = gradclip_jax.clip_by_global_norm(probe.suggested_autoclip)
     """
-    _check_percentile("percentile", percentile)
+    check_range("probe_norms", "percentile", percentile, 0.0, 100.0)
     for q in quantiles:
-        _check_percentile("quantiles", q)
+        check_range("probe_norms", "quantiles", q, 0.0, 100.0)
     if steps is not None and steps < 1:
         raise ValueError(f"probe_norms: `steps` must be a positive integer or None; got {steps}.")
     stream = iter(batches) if steps is None else itertools.islice(itertools.cycle(batches), steps)

@@ -538,3 +538,30 @@ def test_sigma_inf_skips_only_nonfinite_values():
         skip_on_spike(optax.sgd(1.0), window=8, sigma=math.inf), norms
     )
     assert skipped.sum() == 0
+
+
+def test_raise_policy_under_vmap_over_states_is_quiet_on_clean_steps():
+    tx = on_nonfinite(optax.sgd(0.1), policy="raise")
+    params = {"w": jnp.zeros(3)}
+    states = jax.vmap(lambda _: tx.init(params))(jnp.arange(4))
+    update = jax.jit(jax.vmap(tx.update, in_axes=(None, 0, None)))
+    for _ in range(3):
+        _, states = update({"w": jnp.ones(3)}, states, params)
+    assert np.all(np.asarray(gradclip_jax.stats(states)["on_nonfinite/nonfinite_count"]) == 0)
+    batched = jax.jit(jax.vmap(tx.update, in_axes=(0, 0, None)))
+    grads = {"w": jnp.ones((4, 3)).at[2, 1].set(jnp.nan)}
+    with pytest.raises(Exception, match=r"FloatingPointError.*\['w'\]"):
+        jax.block_until_ready(batched(grads, states, params))
+
+
+def test_skip_with_max_consecutive_under_vmap_raises_only_past_the_limit():
+    tx = on_nonfinite(optax.sgd(0.1), max_consecutive=2)
+    params = {"w": jnp.zeros(2)}
+    states = jax.vmap(lambda _: tx.init(params))(jnp.arange(3))
+    update = jax.jit(jax.vmap(tx.update, in_axes=(None, 0, None)))
+    for _ in range(3):
+        _, states = update({"w": jnp.ones(2)}, states, params)
+    for _ in range(2):
+        _, states = update({"w": jnp.full(2, jnp.nan)}, states, params)
+    with pytest.raises(Exception, match="3 consecutive steps"):
+        jax.block_until_ready(update({"w": jnp.full(2, jnp.nan)}, states, params))
