@@ -150,7 +150,9 @@ def run_rule(fn, rule, state, norm, global_norm):
             f"{fn}: {type(rule).__name__}.step must return a scalar threshold; got shape "
             f"{threshold.shape}."
         )
-    return threshold.astype(jnp.float32), _keep_layout(fn, rule, state, new_state)
+    # float32 at least; a float64 threshold (under x64) stays exact for float64 trees.
+    dtype = jnp.float64 if threshold.dtype == jnp.float64 else jnp.float32
+    return threshold.astype(dtype), _keep_layout(fn, rule, state, new_state)
 
 
 def _absorbed(old: Any, new: Any, finite: jax.Array) -> Any:

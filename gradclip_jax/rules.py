@@ -177,7 +177,8 @@ class Constant(_Validated):
 
     def step(self, state: tuple, norm: jax.Array, global_norm: jax.Array):
         del norm, global_norm
-        return _f32(self.value), state
+        # Not cast to float32: under x64 a float64 tree is clipped at the exact value.
+        return jnp.asarray(self.value), state
 
 
 def constant(value: float | jax.Array) -> Constant:

@@ -138,3 +138,15 @@ def test_agc_axis_is_structural_under_inject_hyperparams():
     tx = optax.inject_hyperparams(gradclip_jax.agc, static_args=("axis",))(clipping=0.01, axis=0)
     updates, _ = jax.jit(tx.update)(grads, tx.init(grads), grads)
     assert updates["w"].shape == (2, 3)
+
+
+def test_x64_constant_thresholds_stay_exact_for_float64_leaves():
+    with jax.enable_x64(True):
+        grads = {"w": jnp.array([0.5, -0.3, 0.05], jnp.float64)}
+        tx = gradclip_jax.clip_by_value(0.1)
+        updates, state = jax.jit(tx.update)(grads, tx.init(grads))
+        np.testing.assert_array_equal(updates["w"], [0.1, -0.1, 0.05])
+        tx = gradclip_jax.clip_by_global_norm(0.1)
+        updates, state = jax.jit(tx.update)(grads, tx.init(grads))
+        assert float(jnp.linalg.norm(updates["w"])) == pytest.approx(0.1, rel=1e-15)
+        assert state.stats.norm.dtype == jnp.float32  # statistics are float32 always
