@@ -17,6 +17,7 @@ such blending).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
 
@@ -55,7 +56,21 @@ def _check_inner(fn: str, inner: Any) -> optax.GradientTransformationExtraArgs:
             f"{fn}: `inner` must be an optax transformation (an object with `init` and "
             f"`update`); got {inner!r}.{hint}"
         )
+    if not isinstance(inner, optax.GradientTransformationExtraArgs) and _takes_keywords(
+        inner.update
+    ):
+        # E.g. MultiSteps(...).gradient_transformation(): a plain GradientTransformation
+        # whose update takes extra arguments, which with_extra_args_support would drop.
+        return optax.GradientTransformationExtraArgs(inner.init, inner.update)
     return optax.with_extra_args_support(inner)
+
+
+def _takes_keywords(update: Any) -> bool:
+    try:
+        parameters = inspect.signature(update).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
 
 
 def _zeros_like_struct(s: jax.ShapeDtypeStruct) -> jax.Array:

@@ -565,3 +565,15 @@ def test_skip_with_max_consecutive_under_vmap_raises_only_past_the_limit():
         _, states = update({"w": jnp.full(2, jnp.nan)}, states, params)
     with pytest.raises(Exception, match="3 consecutive steps"):
         jax.block_until_ready(update({"w": jnp.full(2, jnp.nan)}, states, params))
+
+
+def test_extra_arguments_reach_a_multisteps_inner_transformation():
+    inner = optax.MultiSteps(
+        skip_on_spike(optax.sgd(1.0), watch="both", window=4, min_history=2), every_k_schedule=2
+    ).gradient_transformation()
+    tx = on_nonfinite(inner)
+    params = {"w": jnp.zeros(2)}
+    state = tx.init(params)
+    for step in range(4):
+        _, state = tx.update({"w": jnp.ones(2)}, state, params, loss=jnp.asarray(1.0 + step))
+    assert int(gradclip_jax.stats(state)["skip_on_spike/skip_count"]) == 0
