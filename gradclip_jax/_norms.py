@@ -177,29 +177,37 @@ def _root(total: jax.Array, power: float) -> jax.Array:
     return jnp.where(positive, jnp.sqrt(jnp.where(positive, total, 1)), total)
 
 
-def _restore(total: jax.Array, rescaled: jax.Array, power: float) -> jax.Array:
-    """The norm from a sum, or from its rescaled recomputation where it overflowed."""
-    factor, _ = _overflow_rescaling(total.dtype)
-    return jnp.where(jnp.isfinite(total), _root(total, power), factor * _root(rescaled, power))
-
-
 def _power_sums(arrays, power, axes, keepdims, axis_name) -> list[jax.Array]:
     """The ``power``-norms (1 or 2) of each array over its ``axes``, overflow-safe."""
+    # One (factor, inverse) pair per accumulation dtype: each is an optimisation barrier,
+    # and a barrier per leaf would split XLA's fusions (and its compile time) per leaf.
+    dtypes = {accumulation_dtype(x.dtype) for x in arrays}
+    scales = {dtype: _overflow_rescaling(dtype) for dtype in dtypes}
 
-    def sums(inverse_of):
+    def sums(rescaled):
         partial = [
-            jnp.sum(_magnitude_power(x, power, inverse_of(x)), axis=a, keepdims=keepdims)
+            jnp.sum(
+                _magnitude_power(
+                    x, power, scales[accumulation_dtype(x.dtype)][1] if rescaled else None
+                ),
+                axis=a,
+                keepdims=keepdims,
+            )
             for x, a in zip(arrays, axes)
         ]
         return collective(partial, "sum", axis_name)
 
-    def scale(x):
-        return _overflow_rescaling(accumulation_dtype(x.dtype))[1]
-
-    common = sums(lambda x: None)
+    common = sums(False)
     all_finite = jnp.all(stack_scalars([jnp.all(jnp.isfinite(s)) for s in common]))
-    fixed = lax.cond(all_finite, lambda s: s, lambda s: sums(scale), common)
-    return [_restore(s, f, power) for s, f in zip(common, fixed)]
+    fixed = lax.cond(all_finite, lambda s: s, lambda s: sums(True), common)
+    return [
+        jnp.where(
+            jnp.isfinite(s),
+            _root(s, power),
+            scales[s.dtype][0] * _root(f, power),
+        )
+        for s, f in zip(common, fixed)
+    ]
 
 
 def block_norms(
@@ -247,9 +255,14 @@ def norm_of_norms(norms: jax.Array, ord: float = 2, axis: int | None = None) -> 
         return _max(norms, axis)
     if ord == 1:
         return jnp.sum(norms, axis=axis)
-    _, inverse = _overflow_rescaling(norms.dtype)
-    total = jnp.sum(norms * norms, axis=axis)
-    return _restore(total, jnp.sum((norms * inverse) ** 2, axis=axis), 2)
+    # In units of the largest norm, the squares cannot overflow (a short vector: the
+    # division is cheap, and no barrier splits the surrounding fusions).
+    largest = _max(norms, axis)
+    unit = jnp.where((largest > 0) & jnp.isfinite(largest), largest, 1)
+    ratios = norms / (unit if axis is None else jnp.expand_dims(unit, axis))
+    return jnp.where(
+        jnp.isfinite(largest), unit * _root(jnp.sum(ratios * ratios, axis=axis), 2), largest
+    )
 
 
 def tree_norm(leaves: Sequence[jax.Array], ord: float, axis_name: Any = None) -> jax.Array:

@@ -43,6 +43,7 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     return out, done.stdout
 
 
+@pytest.mark.slow
 def test_quick_run_writes_json_with_every_figure(quick_run):
     out, _ = quick_run
     results = _strict_json((out / "cpu.json").read_text())
@@ -62,6 +63,7 @@ def test_quick_run_writes_json_with_every_figure(quick_run):
         assert {"device_kind", "platform", "cpu_count", "jax", "optax"} <= set(env)
 
 
+@pytest.mark.slow
 def test_quick_run_judges_every_goal(quick_run):
     out, stdout = quick_run
     goals = _strict_json((out / "cpu.json").read_text())["goals"]
@@ -77,6 +79,7 @@ def test_quick_run_judges_every_goal(quick_run):
     assert "| goal |" in stdout
 
 
+@pytest.mark.slow
 def test_quick_run_writes_markdown_and_png(quick_run):
     out, _ = quick_run
     text = (out / "cpu.md").read_text()

@@ -24,6 +24,7 @@ def test_loss_matches_a_python_loop():
         assert float(value) == pytest.approx(_rnn_reference(w, b), rel=1e-4, abs=1e-7)
 
 
+@pytest.mark.slow
 def test_run_cliff_shows_a_wall_and_clipping_wins(tmp_path):
     summary = cliff.run_cliff(tmp_path, resolution=120)
     # A steep wall: the largest gradient on the grid is orders above the typical one.

@@ -35,6 +35,7 @@ def _clippers():
 CLIPPERS = sorted(_clippers())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", CLIPPERS)
 @pytest.mark.parametrize("dtype", [ml_dtypes.float8_e4m3fn, ml_dtypes.float8_e5m2])
 def test_float8_leaves_are_clipped_and_keep_their_dtype(name, dtype):
@@ -47,6 +48,7 @@ def test_float8_leaves_are_clipped_and_keep_their_dtype(name, dtype):
     assert all(np.isfinite(v) for k, v in logs.items() if k.endswith("/norm"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", CLIPPERS)
 def test_a_fresh_state_can_be_donated(name):
     params = {"w": jnp.ones((3, 2)), "b": jnp.ones(2)}

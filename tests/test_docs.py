@@ -20,6 +20,9 @@ RUNNER = pathlib.Path(__file__).resolve().parent / "_docs_runner.py"
 sys.path.insert(0, str(RUNNER.parent))
 from _docs_runner import python_blocks  # noqa: E402
 
+# Building the site and running every page takes a minute: the full run, not the fast tier.
+pytestmark = pytest.mark.slow
+
 PAGES = sorted(DOCS.glob("*.md")) + [ROOT / "README.md"]
 
 
