@@ -759,8 +759,8 @@ class AdaGC(_Validated):
     """The AdaGC rule; build it with :func:`adagc`."""
 
     abs_max: Any = 1.0
-    relative: Any = 1.05
-    decay: Any = 0.98
+    relative: Any = 1.1
+    decay: Any = 0.95
     warmup_steps: Any = 100
     reference: bool = False
 
@@ -785,9 +785,10 @@ class AdaGC(_Validated):
         threshold = jnp.where(warm, share, _f32(self.relative) * state.gamma)
         clipped = jnp.minimum(norm, threshold)
         # The paper's EMA absorbs the clipped norm: after a lasting rise it grows by
-        # (1 - decay) * (relative - 1) = 0.1% a step. By default it absorbs the norm
-        # bounded at twice the threshold: an isolated spike moves gamma by at most
-        # (1 - decay) * (2 * relative - 1) (2%), a lasting rise is adopted at 2% a step.
+        # (1 - decay) * (relative - 1) a step (0.1% with the paper's values). By default
+        # it absorbs the norm bounded at twice the threshold: an isolated spike moves
+        # gamma by at most (1 - decay) * (2 * relative - 1), and a lasting rise is
+        # adopted at that rate (6% a step with the defaults).
         fed = clipped if self.reference else jnp.minimum(norm, _ADAGC_BOUND * threshold)
         decay = _f32(self.decay)
         gamma = jnp.where(
@@ -802,8 +803,8 @@ class AdaGC(_Validated):
 
 def adagc(
     abs_max: float | jax.Array = 1.0,
-    relative: float | jax.Array = 1.05,
-    decay: float | jax.Array = 0.98,
+    relative: float | jax.Array = 1.1,
+    decay: float | jax.Array = 0.95,
     warmup_steps: int | jax.Array = 100,
     *,
     reference: bool = False,
@@ -817,11 +818,21 @@ def adagc(
       global_norm``), and ``gamma`` tracks the minimum of the leaf's clipped norms;
     * then ``threshold = relative * gamma`` and
       ``gamma <- decay * gamma + (1 - decay) * min(norm, threshold)`` (the paper's
-      update, ``reference=True``). By default ``gamma`` absorbs ``min(norm, 2 *
-      threshold)`` instead: with the paper's update a lasting rise of the norm is
-      adopted at 0.1% a step (a x1.5 rise takes 400 steps, x10 2,300), with the
-      bounded norm at 2% a step, while an isolated spike still moves ``gamma`` by at
-      most 2%. The warm-up (global clipping at ``abs_max``) is the paper's cold start.
+      update, ``reference=True``).
+
+    The warm-up (global clipping at ``abs_max``) is the paper's cold start. Two
+    defaults differ from the paper (``relative=1.05, decay=0.98, reference=True``):
+
+    * ``gamma`` absorbs ``min(norm, 2 * threshold)`` instead of the clipped norm. With
+      the paper's update a lasting rise of the norm is adopted at ``(1 - decay) *
+      (relative - 1)`` a step, 0.1% with its values (a x1.5 rise takes 400 steps, x10
+      2,300); with the bounded norm at ``(1 - decay) * (2 * relative - 1)`` a step (6%
+      with the defaults), which is also the most an isolated spike moves ``gamma``;
+    * ``relative=1.1, decay=0.95`` instead of 1.05 and 0.98: an EMA of a drifting norm
+      lags behind it by about ``decay / (1 - decay)`` steps of drift, 49 steps with
+      0.98, which on a x10 drift over 2,000 steps is 6%, more than the paper's 5%
+      margin: most steps were clipped. With the defaults the lag is 2% of a 10% margin.
+      See ``docs/adaptive_defaults.md``.
 
     Guard against a known pitfall: a norm of exactly zero (a parameter unused in that
     batch, or frozen) is not absorbed, so a leaf whose gradient is zero during warm-up
@@ -856,8 +867,8 @@ def adagc(
       >>> state = tx.init(params)
       >>> _, state = tx.update({"a": jnp.array([0.3]), "b": jnp.array([0.4])}, state, params)
       >>> _, state = tx.update({"a": jnp.array([0.3]), "b": jnp.array([4.0])}, state, params)
-      >>> print(f"{gradclip_jax.stats(state)['adaptive_clip/clipped_norm']:.3f}")  # b: 1.05 * 0.4
-      0.516
+      >>> print(f"{gradclip_jax.stats(state)['adaptive_clip/clipped_norm']:.3f}")  # b: 1.1 * 0.4
+      0.533
     """
     return build("rules.adagc", AdaGC, abs_max, relative, decay, warmup_steps, reference)
 
