@@ -265,38 +265,39 @@ def table(strategies=DEFAULTS) -> tuple[str, dict[tuple[str, str], Result]]:
 
 
 def plot(path: Path = PLOTS) -> None:
+    """One PNG per scenario: a panel per strategy with the norm, the clipped norm and
+    the threshold (per-leaf: both leaves' norms and clipped norms)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     path.mkdir(parents=True, exist_ok=True)
-    for name, scenario in scenarios().items():
-        fig, ax = plt.subplots(figsize=(9, 3.6))
+    for name, scenario in cached_scenarios().items():
+        strategies = [s for s in DEFAULTS if applicable(s, name)]
+        fig, axes = plt.subplots(
+            len(strategies), 1, figsize=(9, 1.5 * len(strategies) + 0.8), sharex=True
+        )
+        axes = np.atleast_1d(axes)
         norms = scenario.norms.reshape(STEPS, -1)
-        leaf = scenario.spike_leaf if norms.shape[1] > 1 else 0
-        ax.plot(
-            norms[:, leaf],
-            color="0.75",
-            lw=0.6,
-            label="norm" if norms.shape[1] == 1 else "norm of leaf b",
-        )
-        strategies = (
-            PER_LEAF[:2] if name == "per-leaf" else [s for s in DEFAULTS if s not in PER_LEAF[1:]]
-        )
-        for strategy in strategies:
+        for ax, strategy in zip(axes, strategies):
             thresholds, out = run(strategy, scenario.norms)
-            if norms.shape[1] > 1:
-                ax.plot(out[:, leaf], lw=0.9, label=f"{strategy}: clipped norm of leaf b")
-            else:
-                ax.plot(thresholds, lw=0.9, label=f"{strategy} threshold")
-        ax.set_yscale("log")
-        ax.set_xlabel("step")
-        ax.set_title(f"{name}: {scenario.description}", fontsize=9)
-        ax.legend(fontsize=7, ncol=3, loc="upper left")
+            for leaf in range(norms.shape[1]):
+                label = "norm" if norms.shape[1] == 1 else f"norm of leaf {'ab'[leaf]}"
+                ax.plot(norms[:, leaf], color="0.7", lw=0.6, label=label)
+                clipped = "clipped norm" if norms.shape[1] == 1 else f"clipped, leaf {'ab'[leaf]}"
+                ax.plot(out[:, leaf], color=f"C{leaf}", lw=0.6, label=clipped)
+            if norms.shape[1] == 1:
+                ax.plot(thresholds, color="k", lw=0.8, ls="--", label="threshold")
+            ax.set_yscale("log")
+            ax.set_ylabel(strategy, fontsize=8)
+            ax.tick_params(labelsize=7)
+        axes[0].legend(fontsize=7, ncol=4, loc="upper right")
+        axes[0].set_title(f"{name}: {scenario.description}", fontsize=9)
+        axes[-1].set_xlabel("step")
         fig.tight_layout()
-        slug = name.replace(" ", "_").replace(".", "").replace("-", "_")
-        fig.savefig(path / f"{slug}.png", dpi=90)
+        slug = name.replace(" ", "_").replace(".", "").replace("-", "_").lower()
+        fig.savefig(path / f"{slug}.png", dpi=80)
         plt.close(fig)
 
 
