@@ -57,7 +57,7 @@ def adaptive_clip(
     of all steps); it needs no knowledge of the model's gradient scale (a fixed
     ``max_norm`` does); its state is four scalars; and it was evaluated on LLM
     pre-training spikes. Its cold start clips the first nonzero norm to 1.0 and the
-    rest of its 25 warm-up steps to 4 times the smallest norm seen so far, and a
+    rest of its 25 warm-up steps to 4 times the smallest clipped norm, and a
     lasting change of the norm level is adopted within tens of steps (see
     ``docs/adaptive_defaults.md`` for the scenarios measured, and
     :func:`gradclip_jax.rules.zscore` for how this departs from the paper).
@@ -201,7 +201,7 @@ def zclip(
       eps: added to the standard deviation before dividing, ``>= 0``.
       initial_threshold: the cold-start threshold of the first nonzero norm, ``>= 0``.
       cold_factor: warm-up norms are clipped to this multiple of the smallest nonzero
-        norm seen so far, ``> 0``.
+        clipped norm so far, ``> 0``.
       reference: ``True`` for the reference implementation's exact semantics.
       axis_name: mapped axis name under ``shard_map`` / ``pmap`` (see
         :func:`adaptive_clip`).

@@ -137,14 +137,15 @@ def _cap(threshold: jax.Array, max_norm: Any) -> jax.Array:
 
 # Cold start. A rule without history cannot tell an explosive norm from an ordinary one:
 # the first nonzero norm is clipped to an absolute `initial_threshold`, later warm-up
-# norms to `cold_factor` times the smallest nonzero norm seen so far.
+# norms to `cold_factor` times the smallest nonzero clipped norm so far (a ratchet: the
+# warm-up threshold never exceeds cold_factor * initial_threshold).
 def _cold_threshold(smallest: jax.Array, initial_threshold: Any, cold_factor: Any) -> jax.Array:
     """``initial_threshold`` before any nonzero norm, then ``cold_factor * smallest``."""
     return jnp.where(jnp.isinf(smallest), _f32(initial_threshold), _f32(cold_factor) * smallest)
 
 
 def _smallest(smallest: jax.Array, norm: jax.Array) -> jax.Array:
-    """The smallest nonzero norm seen so far (``inf`` before the first one)."""
+    """The smallest nonzero (clipped) norm so far (``inf`` before the first one)."""
     norm = norm.astype(jnp.float32)
     return jnp.where(norm > 0, jnp.minimum(smallest, norm), smallest)
 
@@ -356,7 +357,7 @@ class ZScoreState(NamedTuple):
     count: jax.Array  # () int32, steps absorbed so far (saturating)
     mean: jax.Array  # () float32, warm-up mean, then EMA of the norm
     variance: jax.Array  # () float32, warm-up population variance, then EMA
-    smallest: jax.Array  # () float32, smallest nonzero norm seen (cold start); inf before
+    smallest: jax.Array  # () float32, smallest nonzero clipped norm (cold start); inf before
 
 
 @dataclasses.dataclass(frozen=True)
@@ -446,7 +447,10 @@ class ZScore(_Validated):
         variance = jnp.where(take, jnp.where(warm, warm_var, ema_var), state.variance)
         variance = jnp.minimum(variance, jnp.finfo(jnp.float32).max)
         count = jnp.where(take | ~warm, optax.safe_increment(state.count), state.count)
-        new_state = ZScoreState(count, mean, variance, _smallest(state.smallest, norm))
+        # The cold start's scale is the smallest norm let through, clipped: a norm that
+        # stays explosive from the first step on does not become the scale.
+        smallest = _smallest(state.smallest, jnp.minimum(norm, cold))
+        new_state = ZScoreState(count, mean, variance, smallest)
         return _cap(threshold, self.max_norm), new_state
 
 
@@ -484,9 +488,15 @@ def zscore(
 
     * cold start: warm-up is not unclipped. The first nonzero norm is clipped to
       ``initial_threshold``; later warm-up norms to ``cold_factor`` times the smallest
-      nonzero norm seen so far. The warm-up statistics absorb the norm bounded by that
-      threshold, except a first norm above ``initial_threshold`` (it may be the
-      explosion), so an explosive first step neither passes nor poisons the mean;
+      nonzero clipped norm so far (a ratchet: during warm-up the threshold never
+      exceeds ``cold_factor * initial_threshold``, so norms that stay explosive from
+      the first step on are clipped throughout). The warm-up statistics absorb the norm
+      bounded by that threshold, except a first norm above ``initial_threshold`` (it
+      may be the explosion), so an explosive first step neither passes nor poisons the
+      mean. The cost: a model whose ordinary norm is far above ``cold_factor *
+      initial_threshold`` is clipped until the lasting-shift policy below has adopted
+      its scale (261 of the first 300 steps for norms of 100; set ``initial_threshold`` near
+      the expected norm to shorten it);
     * lasting shifts: on a spike the EMAs absorb the spike boundary ``mean + z_thresh
       * (std + eps)`` instead of the clipped value. The reference's clipped value lies
       near the mean, so a lasting rise looks like a spike forever (a x1.5 rise at 5%
@@ -514,7 +524,7 @@ def zscore(
       eps: added to the standard deviation before dividing, ``>= 0`` (reference: 1e-6).
       initial_threshold: the cold-start threshold of the first nonzero norm, ``>= 0``.
       cold_factor: warm-up norms are clipped to this multiple of the smallest nonzero
-        norm seen so far, ``> 0``.
+        clipped norm so far, ``> 0``.
       reference: ``True`` for the reference implementation's exact semantics (no cold
         start, spikes feed their clipped value, zeros absorbed).
 
@@ -562,7 +572,7 @@ class EMAState(NamedTuple):
 
     count: jax.Array  # () int32, nonzero norms absorbed so far (saturating)
     mean: jax.Array  # () float32, warm-up mean, then EMA of the clipped norm
-    smallest: jax.Array  # () float32, smallest nonzero norm seen (cold start); inf before
+    smallest: jax.Array  # () float32, smallest nonzero clipped norm (cold start); inf before
 
 
 @dataclasses.dataclass(frozen=True)
@@ -602,7 +612,7 @@ class EMA(_Validated):
         return threshold, EMAState(
             jnp.where(take, optax.safe_increment(state.count), state.count),
             jnp.where(take, mean, state.mean),
-            _smallest(state.smallest, norm),
+            _smallest(state.smallest, jnp.minimum(norm, cold)),
         )
 
 
@@ -620,7 +630,7 @@ def ema(
     the norms seen (clipped), so the EMA starts from an unbiased estimate instead of
     from zero, and the threshold is the cold start's: ``initial_threshold`` for the
     first nonzero norm (which is not absorbed if it exceeds it), then ``cold_factor``
-    times the smallest nonzero norm seen so far. Afterwards the threshold is ``factor *
+    times the smallest nonzero clipped norm so far. Afterwards the threshold is ``factor *
     mean`` with the mean of the *previous* steps, and the mean absorbs the norm after
     clipping: ``mean <- decay * mean + (1 - decay) * min(norm, threshold)``, so one
     spike moves it by at most ``(1 - decay) * (factor - 1) * mean`` and a lasting rise
@@ -633,7 +643,7 @@ def ema(
       warmup_steps: nonzero norms averaged before the EMA takes over, ``>= 1``.
       initial_threshold: the cold-start threshold of the first nonzero norm, ``>= 0``.
       cold_factor: warm-up norms are clipped to this multiple of the smallest nonzero
-        norm seen so far, ``> 0``.
+        clipped norm so far, ``> 0``.
 
     Returns:
       An :class:`EMA` rule for :func:`gradclip_jax.adaptive_clip`.

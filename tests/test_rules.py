@@ -181,7 +181,9 @@ def test_ema_matches_definition(factor, decay, warmup, first):
             if g > 0:  # zeros carry no scale
                 mean = decay * mean + (1 - decay) * min(g, threshold)
         expected.append(threshold)
-        smallest = min(smallest, g) if g > 0 else smallest
+        if g > 0:  # the cold start's scale: the smallest clipped norm (a ratchet)
+            cold = 1.0 if math.isinf(smallest) else 4.0 * smallest
+            smallest = min(smallest, g, cold)
     thresholds, clipped, _ = _run_global(
         rules.ema, norms, factor=factor, decay=decay, warmup_steps=warmup
     )
