@@ -116,6 +116,7 @@ def autoclip(
     history: int | jax.Array = 1024,
     *,
     initial_threshold: float | jax.Array = 1.0,
+    bound_factor: float | jax.Array = 4.0,
     reference: bool = False,
     axis_name: Any = None,
     name: str | None = None,
@@ -125,13 +126,18 @@ def autoclip(
     :func:`adaptive_clip` with :func:`gradclip_jax.rules.percentile`; see there for the
     ring buffer of ``history`` norms and how it differs from the reference's unbounded
     list once it wraps. By default the first step is clipped to ``initial_threshold``
-    (in the reference it never clips, so an explosive first step passes whole) and
-    zero norms are not stored; ``reference=True`` restores the reference's semantics.
+    (in the reference it never clips, so an explosive first step passes whole), zero
+    norms are not stored, and a norm enters the history bounded at ``bound_factor``
+    times the previous threshold (so that norms explosive from the first step on do not
+    become the percentile at once); ``reference=True`` restores the reference's
+    semantics.
 
     Args:
       p: the percentile, in [0, 100].
       history: the number of recent norms kept, ``>= 1`` (it sets the state's size).
       initial_threshold: the threshold of the first step (no history yet), ``>= 0``.
+      bound_factor: a norm enters the history bounded at this multiple of the
+        previous threshold, ``>= 1``.
       reference: ``True`` for AutoClip's exact semantics (first step unclipped).
       axis_name: mapped axis name under ``shard_map`` / ``pmap`` (see
         :func:`adaptive_clip`).
@@ -158,7 +164,9 @@ def autoclip(
       >>> print(f"{logs['autoclip/threshold']:.1f} {logs['autoclip/clip_count']}")  # 3.0 too
       1.3 3
     """
-    rule = rules.build("autoclip", rules.Percentile, p, history, initial_threshold, reference)
+    rule = rules.build(
+        "autoclip", rules.Percentile, p, history, initial_threshold, reference, bound_factor
+    )
     return clipper("autoclip", rule, "global", name=name, axis_name=axis_name)
 
 

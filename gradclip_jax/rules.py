@@ -230,6 +230,7 @@ class PercentileState(NamedTuple):
     norms: jax.Array  # (history,) float32; slots at and after `filled` are unused
     position: jax.Array  # () int32, the slot the next norm is written to
     filled: jax.Array  # () int32, the number of norms stored, at most `history`
+    threshold: jax.Array  # () float32, the previous step's threshold (initial_threshold)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,27 +241,38 @@ class Percentile(_Validated):
     history: Any = 1024
     initial_threshold: Any = 1.0
     reference: bool = False
+    bound_factor: Any = 4.0
 
     def validate(self, fn: str) -> None:
         check_range(fn, "p", self.p, 0.0, 100.0)
         check_count(fn, "history", self.history, minimum=1)
         check_threshold(fn, "initial_threshold", self.initial_threshold)
         _check_reference(fn, self.reference)
+        check_range(fn, "bound_factor", self.bound_factor, 1.0)
 
     def init(self) -> PercentileState:
         size = state_size("rules.percentile", "history", self.history)
         return PercentileState(
-            jnp.zeros((size,), jnp.float32), jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32)
+            jnp.zeros((size,), jnp.float32),
+            jnp.zeros((), jnp.int32),
+            jnp.zeros((), jnp.int32),
+            _f32(self.initial_threshold),
         )
 
     def step(self, state: PercentileState, norm: jax.Array, global_norm: jax.Array):
         del global_norm
         size = state.norms.shape[0]
         norm = norm.astype(jnp.float32)
+        # A norm enters the history bounded at `bound_factor` times the previous
+        # threshold: norms that stay explosive from the first step on become the scale
+        # by a factor `bound_factor` per history turnover, not at once.
+        bound = jnp.where(state.threshold > 0, _f32(self.bound_factor) * state.threshold, jnp.inf)
+        entered = norm if self.reference else jnp.minimum(norm, bound)
         window = PercentileState(
-            state.norms.at[state.position].set(norm),
+            state.norms.at[state.position].set(entered),
             (state.position + 1) % size,
             jnp.minimum(state.filled + 1, size),
+            state.threshold,
         )
         if not self.reference:
             # A zero norm (a frozen or unused parameter) carries no scale: a history of
@@ -281,7 +293,7 @@ class Percentile(_Validated):
             # Cold start: without a nonzero norm in the history, the current one cannot
             # be compared with anything.
             threshold = jnp.where(state.filled == 0, _f32(self.initial_threshold), threshold)
-        return threshold, window
+        return threshold, window._replace(threshold=threshold)
 
 
 def percentile(
@@ -289,6 +301,7 @@ def percentile(
     history: int | jax.Array = 1024,
     *,
     initial_threshold: float | jax.Array = 1.0,
+    bound_factor: float | jax.Array = 4.0,
     reference: bool = False,
 ) -> Percentile:
     """AutoClip: the threshold is the ``p``-th percentile of the recent unclipped norms.
@@ -304,6 +317,13 @@ def percentile(
       nonzero norm in the history is clipped to ``initial_threshold``;
     * zero norms are not stored: a run of zero gradients (frozen or unused
       parameters) would otherwise hold the percentile, and the threshold, at 0.
+    * a norm enters the history bounded at ``bound_factor`` times the previous
+      threshold. Norms that stay explosive from the first step on (an IRNN at
+      initialisation: 2e4-2e5 for several steps) would otherwise be the percentile
+      from the second step on; bounded, they become the scale by at most a factor
+      ``bound_factor`` per turnover of the percentile. Isolated spikes and drifts
+      slower than that are stored as they are; a lasting x10 rise is adopted in about
+      two turnovers of the history instead of one.
 
     The reference implementation keeps every norm since the start of training in a
     growing list. This rule keeps the last ``history`` norms in a ring buffer (fixed
@@ -322,6 +342,8 @@ def percentile(
       initial_threshold: the threshold while the history holds no nonzero norm (the
         first step), ``>= 0``; ``math.inf`` lets the first step pass as the reference
         does. See ``docs/adaptive_defaults.md``.
+      bound_factor: a norm enters the history bounded at this multiple of the
+        previous threshold, ``>= 1``.
       reference: ``True`` for the reference's exact semantics (no cold start, zeros
         stored).
 
@@ -344,7 +366,9 @@ def percentile(
       >>> print(f"{gradclip_jax.stats(state)['adaptive_clip/threshold']:.1f}")  # median
       2.5
     """
-    return build("rules.percentile", Percentile, p, history, initial_threshold, reference)
+    return build(
+        "rules.percentile", Percentile, p, history, initial_threshold, reference, bound_factor
+    )
 
 
 # --------------------------------------------------------------------------------------
