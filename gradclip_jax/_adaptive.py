@@ -51,12 +51,16 @@ def adaptive_clip(
     the state's arrays carry a leading leaf axis and the rule's methods are
     ``jax.vmap``-ed over it, so thousands of leaves cost one vectorised rule step.
 
-    The default rule is ``rules.zscore(max_norm=None)`` (ZClip without its absolute
-    cap): it clips only anomalies, norms whose z-score against an EMA of recent norms
-    exceeds 2.5, so ordinary steps pass untouched (percentile or quantile rules clip a
-    fixed fraction of all steps); it needs no knowledge of the model's gradient scale
-    (a fixed ``max_norm`` does); its state is three scalars; and it was evaluated on
-    LLM pre-training spikes. Its 25 warm-up steps are not clipped.
+    The default rule is ``rules.zscore()`` (ZClip without its absolute cap): it clips
+    anomalies, norms whose z-score against an EMA of recent norms exceeds 2.5, so
+    ordinary steps pass untouched (percentile or quantile rules clip a fixed fraction
+    of all steps); it needs no knowledge of the model's gradient scale (a fixed
+    ``max_norm`` does); its state is four scalars; and it was evaluated on LLM
+    pre-training spikes. Its cold start clips the first nonzero norm to 1.0 and the
+    rest of its 25 warm-up steps to 4 times the smallest clipped norm, and a
+    lasting change of the norm level is adopted within tens of steps (see
+    ``docs/adaptive_defaults.md`` for the scenarios measured, and
+    :func:`gradclip_jax.rules.zscore` for how this departs from the paper).
 
     Non-finite steps: a step whose global norm is NaN or infinite is not absorbed into
     the rule's state (its statistics would poison every later threshold); the update
@@ -103,7 +107,7 @@ def adaptive_clip(
     """
     fn = "adaptive_clip"
     check_choice(fn, "granularity", granularity, ("global", "leaf"))
-    rule = rules.build(fn, rules.ZScore, max_norm=None) if rule is None else rule
+    rule = rules.build(fn, rules.ZScore) if rule is None else rule
     return clipper(fn, rule, granularity, name=name, axis_name=axis_name)
 
 
@@ -111,6 +115,9 @@ def autoclip(
     p: float | jax.Array = 10.0,
     history: int | jax.Array = 1024,
     *,
+    initial_threshold: float | jax.Array = 1.0,
+    bound_factor: float | jax.Array = 4.0,
+    reference: bool = False,
     axis_name: Any = None,
     name: str | None = None,
 ) -> optax.GradientTransformation:
@@ -118,11 +125,20 @@ def autoclip(
 
     :func:`adaptive_clip` with :func:`gradclip_jax.rules.percentile`; see there for the
     ring buffer of ``history`` norms and how it differs from the reference's unbounded
-    list once it wraps.
+    list once it wraps. By default the first step is clipped to ``initial_threshold``
+    (in the reference it never clips, so an explosive first step passes whole), zero
+    norms are not stored, and a norm enters the history bounded at ``bound_factor``
+    times the previous threshold (so that norms explosive from the first step on do not
+    become the percentile at once); ``reference=True`` restores the reference's
+    semantics.
 
     Args:
       p: the percentile, in [0, 100].
       history: the number of recent norms kept, ``>= 1`` (it sets the state's size).
+      initial_threshold: the threshold of the first step (no history yet), ``>= 0``.
+      bound_factor: a norm enters the history bounded at this multiple of the
+        previous threshold, ``>= 1``.
+      reference: ``True`` for AutoClip's exact semantics (first step unclipped).
       axis_name: mapped axis name under ``shard_map`` / ``pmap`` (see
         :func:`adaptive_clip`).
 
@@ -145,10 +161,12 @@ def autoclip(
       >>> for g in (3.0, 1.0, 2.0, 20.0):
       ...     _, state = tx.update(jnp.array([g, 0.0]), state, params)
       >>> logs = gradclip_jax.stats(state)
-      >>> print(f"{logs['autoclip/threshold']:.1f} {logs['autoclip/clip_count']}")
-      1.3 2
+      >>> print(f"{logs['autoclip/threshold']:.1f} {logs['autoclip/clip_count']}")  # 3.0 too
+      1.3 3
     """
-    rule = rules.build("autoclip", rules.Percentile, p, history)
+    rule = rules.build(
+        "autoclip", rules.Percentile, p, history, initial_threshold, reference, bound_factor
+    )
     return clipper("autoclip", rule, "global", name=name, axis_name=axis_name)
 
 
@@ -157,25 +175,42 @@ def zclip(
     decay: float | jax.Array = 0.97,
     warmup_steps: int | jax.Array = 25,
     mode: str = "reciprocal",
-    max_norm: float | jax.Array | None = 1.0,
+    max_norm: float | jax.Array | None = None,
     *,
     eps: float | jax.Array = 1e-6,
+    initial_threshold: float | jax.Array = 1.0,
+    cold_factor: float | jax.Array = 4.0,
+    reference: bool = False,
     axis_name: Any = None,
     name: str | None = None,
 ) -> optax.GradientTransformation:
     """ZClip: clip global-norm spikes detected by a z-score against EMA statistics.
 
-    :func:`adaptive_clip` with :func:`gradclip_jax.rules.zscore`, the paper's defaults
-    included: ``max_norm=1.0`` caps the threshold (and is the only clipping during the
-    25 warm-up steps); pass ``max_norm=None`` for purely adaptive clipping.
+    :func:`adaptive_clip` with :func:`gradclip_jax.rules.zscore`. Two defaults differ
+    from the paper's:
+
+    * no ``max_norm`` cap: with the paper's ``max_norm=1.0`` the rule is
+      ``clip_by_global_norm(1.0)`` whenever the norms exceed 1, and it can never follow
+      a lasting rise above 1;
+    * ``reference=False``: a cold start clips the warm-up steps, and spikes feed the
+      statistics the spike boundary, so that a lasting change is adopted (see the
+      rule).
+
+    ``zclip(max_norm=1.0, reference=True)`` is the paper and its reference
+    implementation, step for step.
 
     Args:
       z_thresh: the z-score above which a norm is a spike, ``>= 0``.
       decay: the EMA decay (the reference's ``alpha``), in [0, 1].
       warmup_steps: steps collecting the initial mean and variance, ``>= 1``.
       mode: ``"reciprocal"`` (clip to ``mean + z_thresh**2 * std / z``) or ``"mean"``.
-      max_norm: a hard cap on the threshold, ``>= 0``; ``None`` for none.
+      max_norm: a hard cap on the threshold, ``>= 0``; ``None`` for none (the paper:
+        1.0).
       eps: added to the standard deviation before dividing, ``>= 0``.
+      initial_threshold: the cold-start threshold of the first nonzero norm, ``>= 0``.
+      cold_factor: warm-up norms are clipped to this multiple of the smallest nonzero
+        clipped norm so far, ``> 0``.
+      reference: ``True`` for the reference implementation's exact semantics.
       axis_name: mapped axis name under ``shard_map`` / ``pmap`` (see
         :func:`adaptive_clip`).
 
@@ -202,16 +237,29 @@ def zclip(
       >>> print(f"{logs['zclip/norm']:.2f} -> {logs['zclip/clipped_norm']:.2f}")
       8.00 -> 0.51
     """
-    rule = rules.build("zclip", rules.ZScore, z_thresh, decay, warmup_steps, mode, max_norm, eps)
+    rule = rules.build(
+        "zclip",
+        rules.ZScore,
+        z_thresh,
+        decay,
+        warmup_steps,
+        mode,
+        max_norm,
+        eps,
+        initial_threshold,
+        cold_factor,
+        reference,
+    )
     return clipper("zclip", rule, "global", name=name, axis_name=axis_name)
 
 
 def adagc(
     abs_max: float | jax.Array = 1.0,
-    relative: float | jax.Array = 1.05,
-    decay: float | jax.Array = 0.98,
+    relative: float | jax.Array = 1.1,
+    decay: float | jax.Array = 0.95,
     warmup_steps: int | jax.Array = 100,
     *,
+    reference: bool = False,
     axis_name: Any = None,
     name: str | None = None,
 ) -> optax.GradientTransformation:
@@ -220,13 +268,20 @@ def adagc(
     :func:`adaptive_clip` with :func:`gradclip_jax.rules.adagc` and
     ``granularity="leaf"``: global clipping at ``abs_max`` for ``warmup_steps`` steps,
     then each leaf is clipped to ``relative`` times the EMA of its own clipped norms.
-    Leaves whose gradient is zero during warm-up are guarded (see the rule).
+    Leaves whose gradient is zero during warm-up are guarded (see the rule). By
+    default each leaf's EMA absorbs its norm bounded at twice the threshold, so that a
+    lasting rise is adopted at 6% a step, and ``relative=1.1, decay=0.95`` (the
+    paper: 1.05 and 0.98) so that a slow drift is not clipped at most steps;
+    ``adagc(relative=1.05, decay=0.98, reference=True)`` is the paper (its EMA of
+    clipped norms adopts a lasting rise at 0.1% a step). See
+    :func:`gradclip_jax.rules.adagc`.
 
     Args:
       abs_max: the global-norm threshold during warm-up, ``>= 0``.
       relative: the multiple of a leaf's EMA allowed after warm-up, ``>= 1``.
       decay: the EMA decay, in [0, 1].
       warmup_steps: the number of global-clipping steps, ``>= 0``.
+      reference: ``True`` for the paper's EMA of clipped norms.
       axis_name: mapped axis name under ``shard_map`` / ``pmap`` when every leaf is
         split across devices (see :func:`adaptive_clip`).
 
@@ -252,9 +307,9 @@ def adagc(
       ...     _, state = tx.update(grads, state, params)
       >>> logs = gradclip_jax.stats(state)
       >>> print(f"{logs['adagc/clipped']:.1f} {logs['adagc/threshold']:.2f}")  # half the leaves
-      0.5 0.42
+      0.5 0.44
     """
-    rule = rules.build("adagc", rules.AdaGC, abs_max, relative, decay, warmup_steps)
+    rule = rules.build("adagc", rules.AdaGC, abs_max, relative, decay, warmup_steps, reference)
     return clipper("adagc", rule, "leaf", name=name, axis_name=axis_name)
 
 

@@ -135,6 +135,31 @@ def _cap(threshold: jax.Array, max_norm: Any) -> jax.Array:
     return threshold if max_norm is None else jnp.minimum(threshold, _f32(max_norm))
 
 
+# Cold start. A rule without history cannot tell an explosive norm from an ordinary one:
+# the first nonzero norm is clipped to an absolute `initial_threshold`, later warm-up
+# norms to `cold_factor` times the smallest nonzero clipped norm so far (a ratchet: the
+# warm-up threshold never exceeds cold_factor * initial_threshold).
+def _cold_threshold(smallest: jax.Array, initial_threshold: Any, cold_factor: Any) -> jax.Array:
+    """``initial_threshold`` before any nonzero norm, then ``cold_factor * smallest``."""
+    return jnp.where(jnp.isinf(smallest), _f32(initial_threshold), _f32(cold_factor) * smallest)
+
+
+def _smallest(smallest: jax.Array, norm: jax.Array) -> jax.Array:
+    """The smallest nonzero (clipped) norm so far (``inf`` before the first one)."""
+    norm = norm.astype(jnp.float32)
+    return jnp.where(norm > 0, jnp.minimum(smallest, norm), smallest)
+
+
+def _check_cold_start(fn: str, rule: Any) -> None:
+    check_threshold(fn, "initial_threshold", rule.initial_threshold)
+    check_range(fn, "cold_factor", rule.cold_factor, low_inclusive=False)
+
+
+def _check_reference(fn: str, reference: Any) -> None:
+    if not isinstance(reference, (bool, np.bool_)):
+        raise ValueError(f"{fn}: `reference` must be True or False; got {reference!r}.")
+
+
 _building_for: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "gradclip_rule_factory", default=None
 )
@@ -206,6 +231,7 @@ class PercentileState(NamedTuple):
     norms: jax.Array  # (history,) float32; slots at and after `filled` are unused
     position: jax.Array  # () int32, the slot the next norm is written to
     filled: jax.Array  # () int32, the number of norms stored, at most `history`
+    threshold: jax.Array  # () float32, the previous step's threshold (initial_threshold)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,43 +240,91 @@ class Percentile(_Validated):
 
     p: Any = 10.0
     history: Any = 1024
+    initial_threshold: Any = 1.0
+    reference: bool = False
+    bound_factor: Any = 4.0
 
     def validate(self, fn: str) -> None:
         check_range(fn, "p", self.p, 0.0, 100.0)
         check_count(fn, "history", self.history, minimum=1)
+        check_threshold(fn, "initial_threshold", self.initial_threshold)
+        _check_reference(fn, self.reference)
+        check_range(fn, "bound_factor", self.bound_factor, 1.0)
 
     def init(self) -> PercentileState:
         size = state_size("rules.percentile", "history", self.history)
         return PercentileState(
-            jnp.zeros((size,), jnp.float32), jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32)
+            jnp.zeros((size,), jnp.float32),
+            jnp.zeros((), jnp.int32),
+            jnp.zeros((), jnp.int32),
+            _f32(self.initial_threshold),
         )
 
     def step(self, state: PercentileState, norm: jax.Array, global_norm: jax.Array):
         del global_norm
         size = state.norms.shape[0]
+        norm = norm.astype(jnp.float32)
+        # A norm enters the history bounded at `bound_factor` times the previous
+        # threshold: norms that stay explosive from the first step on become the scale
+        # by a factor `bound_factor` per history turnover, not at once.
+        bound = jnp.where(state.threshold > 0, _f32(self.bound_factor) * state.threshold, jnp.inf)
+        entered = norm if self.reference else jnp.minimum(norm, bound)
         window = PercentileState(
-            state.norms.at[state.position].set(norm.astype(jnp.float32)),
+            state.norms.at[state.position].set(entered),
             (state.position + 1) % size,
             jnp.minimum(state.filled + 1, size),
+            state.threshold,
         )
+        if not self.reference:
+            # A zero norm (a frozen or unused parameter) carries no scale: a history of
+            # zeros would hold the threshold at 0.
+            window = jax.tree.map(lambda new, old: jnp.where(norm > 0, new, old), window, state)
+        filled = jnp.maximum(window.filled, 1)
         # Slots are filled in order before the buffer wraps, so the used ones come first.
         used = jnp.arange(size) < window.filled
         ordered = jnp.sort(jnp.where(used, window.norms, jnp.inf))
         # np.percentile's default ("linear") interpolation between order statistics.
-        position = _f32(self.p) / 100 * (window.filled - 1).astype(jnp.float32)
+        position = _f32(self.p) / 100 * (filled - 1).astype(jnp.float32)
         low = jnp.floor(position).astype(jnp.int32)
-        high = jnp.minimum(low + 1, window.filled - 1)
+        high = jnp.minimum(low + 1, filled - 1)
         fraction = position - low.astype(jnp.float32)
         below, above = ordered[low], ordered[high]
-        return jnp.where(fraction > 0, below + (above - below) * fraction, below), window
+        threshold = jnp.where(fraction > 0, below + (above - below) * fraction, below)
+        if not self.reference:
+            # Cold start: without a nonzero norm in the history, the current one cannot
+            # be compared with anything.
+            threshold = jnp.where(state.filled == 0, _f32(self.initial_threshold), threshold)
+        return threshold, window._replace(threshold=threshold)
 
 
-def percentile(p: float | jax.Array = 10.0, history: int | jax.Array = 1024) -> Percentile:
+def percentile(
+    p: float | jax.Array = 10.0,
+    history: int | jax.Array = 1024,
+    *,
+    initial_threshold: float | jax.Array = 1.0,
+    bound_factor: float | jax.Array = 4.0,
+    reference: bool = False,
+) -> Percentile:
     """AutoClip: the threshold is the ``p``-th percentile of the recent unclipped norms.
 
-    The norms are those measured before clipping, the current one included, so the
-    first step never clips (its percentile is its own norm). Percentiles interpolate
-    linearly between order statistics, as ``np.percentile`` does.
+    The norms are those measured before clipping, the current one included.
+    Percentiles interpolate linearly between order statistics, as ``np.percentile``
+    does.
+
+    Two deviations from the reference, both off with ``reference=True``:
+
+    * cold start: in the reference the first step never clips (its percentile is its
+      own norm), so an explosive first step passes whole. Here a step without a
+      nonzero norm in the history is clipped to ``initial_threshold``;
+    * zero norms are not stored: a run of zero gradients (frozen or unused
+      parameters) would otherwise hold the percentile, and the threshold, at 0.
+    * a norm enters the history bounded at ``bound_factor`` times the previous
+      threshold. Norms that stay explosive from the first step on (an IRNN at
+      initialisation: 2e4-2e5 for several steps) would otherwise be the percentile
+      from the second step on; bounded, they become the scale by at most a factor
+      ``bound_factor`` per turnover of the percentile. Isolated spikes and drifts
+      slower than that are stored as they are; a lasting x10 rise is adopted in about
+      two turnovers of the history instead of one.
 
     The reference implementation keeps every norm since the start of training in a
     growing list. This rule keeps the last ``history`` norms in a ring buffer (fixed
@@ -266,6 +340,13 @@ def percentile(p: float | jax.Array = 10.0, history: int | jax.Array = 1024) -> 
       history: the number of norms kept, ``>= 1``. It sets the state's size, so under
         ``optax.inject_hyperparams`` the value given when the state is created stays in
         force.
+      initial_threshold: the threshold while the history holds no nonzero norm (the
+        first step), ``>= 0``; ``math.inf`` lets the first step pass as the reference
+        does. See ``docs/adaptive_defaults.md``.
+      bound_factor: a norm enters the history bounded at this multiple of the
+        previous threshold, ``>= 1``.
+      reference: ``True`` for the reference's exact semantics (no cold start, zeros
+        stored).
 
     Returns:
       A :class:`Percentile` rule for :func:`gradclip_jax.adaptive_clip`.
@@ -286,7 +367,9 @@ def percentile(p: float | jax.Array = 10.0, history: int | jax.Array = 1024) -> 
       >>> print(f"{gradclip_jax.stats(state)['adaptive_clip/threshold']:.1f}")  # median
       2.5
     """
-    return build("rules.percentile", Percentile, p, history)
+    return build(
+        "rules.percentile", Percentile, p, history, initial_threshold, reference, bound_factor
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -299,6 +382,7 @@ class ZScoreState(NamedTuple):
     count: jax.Array  # () int32, steps absorbed so far (saturating)
     mean: jax.Array  # () float32, warm-up mean, then EMA of the norm
     variance: jax.Array  # () float32, warm-up population variance, then EMA
+    smallest: jax.Array  # () float32, smallest nonzero clipped norm (cold start); inf before
 
 
 @dataclasses.dataclass(frozen=True)
@@ -309,8 +393,11 @@ class ZScore(_Validated):
     decay: Any = 0.97
     warmup_steps: Any = 25
     mode: str = "reciprocal"
-    max_norm: Any = 1.0
+    max_norm: Any = None
     eps: Any = 1e-6
+    initial_threshold: Any = 1.0
+    cold_factor: Any = 4.0
+    reference: bool = False
 
     def validate(self, fn: str) -> None:
         check_range(fn, "z_thresh", self.z_thresh, high_inclusive=False)
@@ -320,48 +407,75 @@ class ZScore(_Validated):
         if self.max_norm is not None:
             check_threshold(fn, "max_norm", self.max_norm)
         check_range(fn, "eps", self.eps, high_inclusive=False)
+        _check_cold_start(fn, self)
+        _check_reference(fn, self.reference)
 
     def init(self) -> ZScoreState:
-        return ZScoreState(
-            jnp.zeros((), jnp.int32), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)
-        )
+        zero = jnp.zeros((), jnp.float32)
+        return ZScoreState(jnp.zeros((), jnp.int32), zero, zero, jnp.array(jnp.inf, jnp.float32))
 
     def step(self, state: ZScoreState, norm: jax.Array, global_norm: jax.Array):
         del global_norm
+        norm = norm.astype(jnp.float32)
         z_thresh = _f32(self.z_thresh)
+        warm = state.count < self.warmup_steps
         # sqrt with a zero (not infinite) derivative at 0, for users who differentiate
         # through the optimizer.
         positive = state.variance > 0
         std = jnp.where(positive, jnp.sqrt(jnp.where(positive, state.variance, 1)), 0)
         z = (norm - state.mean) / (std + _f32(self.eps))
-        spike = (state.count >= self.warmup_steps) & (z > z_thresh)
+        spike = ~warm & (z > z_thresh)
         if self.mode == "reciprocal":
             # On a spike z > z_thresh >= 0, so the division is safe.
             clipped = state.mean + z_thresh**2 * std / jnp.where(spike, z, 1)
         else:
             clipped = state.mean
         # Outside spikes, report the largest norm that is not a spike (z == z_thresh).
-        boundary = state.mean + _f32(self.z_thresh) * (std + _f32(self.eps))
+        boundary = state.mean + z_thresh * (std + _f32(self.eps))
         calm = jnp.where(norm > boundary, norm, boundary)  # rounding at z == z_thresh
         adaptive = jnp.where(spike, clipped, calm)
-        threshold = jnp.where(state.count >= self.warmup_steps, adaptive, jnp.inf)
+        decay = _f32(self.decay)
+        if self.reference:
+            cold = jnp.array(jnp.inf, jnp.float32)
+            # Warm-up absorbs every norm; afterwards the EMAs absorb the clipped value.
+            absorb_warm = jnp.array(True)
+            warm_value = norm
+            fed = jnp.where(spike, clipped, norm)
+            absorb = jnp.array(True)
+        else:
+            cold = _cold_threshold(state.smallest, self.initial_threshold, self.cold_factor)
+            # Zero norms carry no scale and are not absorbed (a warm-up of zeros would
+            # give mean = std = 0: a zero threshold for good). A first norm above
+            # `initial_threshold` is not absorbed either: with no history it may be the
+            # explosion; the next nonzero norm is measured against it.
+            absorb_warm = (norm > 0) & (~jnp.isinf(state.smallest) | (norm <= cold))
+            warm_value = jnp.minimum(norm, cold)
+            # Lasting shifts: a spike feeds the EMAs the spike boundary (the largest
+            # ordinary norm), not its clipped value. One spike moves them as little as a
+            # borderline norm; a lasting rise widens the boundary geometrically (about
+            # 15% a step with the defaults) until the new level is ordinary.
+            fed = jnp.where(spike, boundary, norm)
+            absorb = norm > 0
+        threshold = jnp.where(warm, cold, adaptive)
         # Warm-up: running mean and population variance (Welford), exact for the sample.
         n = (state.count + 1).astype(jnp.float32)
-        delta = norm - state.mean
+        delta = warm_value - state.mean
         warm_mean = state.mean + delta / n
-        warm_var = (state.variance * (n - 1) + delta * (norm - warm_mean)) / n
-        # After warm-up: EMA fed the clipped value on spikes; the variance uses the new mean.
-        decay = _f32(self.decay)
-        fed = jnp.where(spike, clipped, norm)
+        warm_var = (state.variance * (n - 1) + delta * (warm_value - warm_mean)) / n
+        # After warm-up: EMAs; the variance uses the new mean.
         ema_mean = decay * state.mean + (1 - decay) * fed
         ema_var = decay * state.variance + (1 - decay) * (fed - ema_mean) ** 2
-        warm = state.count < self.warmup_steps
+        take = jnp.where(warm, absorb_warm, absorb)
+        mean = jnp.where(take, jnp.where(warm, warm_mean, ema_mean), state.mean)
         # Squares of norms beyond ~1e19 overflow float32; a variance clamped to the
         # largest float (instead of inf) decays back once the norms are ordinary again.
-        variance = jnp.minimum(jnp.where(warm, warm_var, ema_var), jnp.finfo(jnp.float32).max)
-        new_state = ZScoreState(
-            optax.safe_increment(state.count), jnp.where(warm, warm_mean, ema_mean), variance
-        )
+        variance = jnp.where(take, jnp.where(warm, warm_var, ema_var), state.variance)
+        variance = jnp.minimum(variance, jnp.finfo(jnp.float32).max)
+        count = jnp.where(take | ~warm, optax.safe_increment(state.count), state.count)
+        # The cold start's scale is the smallest norm let through, clipped: a norm that
+        # stays explosive from the first step on does not become the scale.
+        smallest = _smallest(state.smallest, jnp.minimum(norm, cold))
+        new_state = ZScoreState(count, mean, variance, smallest)
         return _cap(threshold, self.max_norm), new_state
 
 
@@ -370,13 +484,17 @@ def zscore(
     decay: float | jax.Array = 0.97,
     warmup_steps: int | jax.Array = 25,
     mode: str = "reciprocal",
-    max_norm: float | jax.Array | None = 1.0,
+    max_norm: float | jax.Array | None = None,
     *,
     eps: float | jax.Array = 1e-6,
+    initial_threshold: float | jax.Array = 1.0,
+    cold_factor: float | jax.Array = 4.0,
+    reference: bool = False,
 ) -> ZScore:
     """ZClip: clip norms whose z-score against an EMA of past norms exceeds ``z_thresh``.
 
-    Follows the reference implementation (``bluorion-com/ZClip``):
+    With ``reference=True`` (and the paper's ``max_norm=1.0``) this follows the
+    reference implementation (``bluorion-com/ZClip``) step for step:
 
     * warm-up, the first ``warmup_steps`` steps: norms are collected and clipped at
       ``max_norm`` only; afterwards the mean and variance start as the mean and
@@ -390,10 +508,37 @@ def zscore(
       updated mean: ``var <- decay * var + (1 - decay) * (x - new_mean)**2``;
     * the threshold never exceeds ``max_norm``.
 
+    The default (``reference=False``) changes three things, measured in
+    ``docs/adaptive_defaults.md``:
+
+    * cold start: warm-up is not unclipped. The first nonzero norm is clipped to
+      ``initial_threshold``; later warm-up norms to ``cold_factor`` times the smallest
+      nonzero clipped norm so far (a ratchet: during warm-up the threshold never
+      exceeds ``cold_factor * initial_threshold``, so norms that stay explosive from
+      the first step on are clipped throughout). The warm-up statistics absorb the norm
+      bounded by that threshold, except a first norm above ``initial_threshold`` (it
+      may be the explosion), so an explosive first step neither passes nor poisons the
+      mean. The cost: a model whose ordinary norm is far above ``cold_factor *
+      initial_threshold`` is clipped until the lasting-shift policy below has adopted
+      its scale (261 of the first 300 steps for norms of 100; set ``initial_threshold`` near
+      the expected norm to shorten it);
+    * lasting shifts: on a spike the EMAs absorb the spike boundary ``mean + z_thresh
+      * (std + eps)`` instead of the clipped value. The reference's clipped value lies
+      near the mean, so a lasting rise looks like a spike forever (a x1.5 rise at 5%
+      noise is clipped at every step); the boundary widens the statistics by about
+      15% per clipped step, so a lasting change is adopted within tens of steps while
+      an isolated spike moves them as little as a borderline norm;
+    * zero norms are not absorbed and do not count towards warm-up: a warm-up of zero
+      gradients would give ``mean = std = 0`` and a zero threshold for good.
+
+    ``max_norm`` defaults to ``None`` here (the paper's 1.0 makes the rule
+    ``clip_by_global_norm(1.0)`` whenever the norms exceed 1, and prevents it from
+    following a lasting rise).
+
     On steps that are not spikes the reported threshold is the spike boundary
-    ``mean + z_thresh * (std + eps)`` (capped at ``max_norm``): the largest norm that
-    passes unclipped, so a plot of threshold against norm shows the margin. During
-    warm-up it is ``max_norm`` (``inf`` when ``max_norm`` is ``None``).
+    (capped at ``max_norm``): the largest norm that passes unclipped, so a plot of
+    threshold against norm shows the margin. During warm-up it is the cold-start
+    threshold (``max_norm``, or ``inf`` without it, under ``reference=True``).
 
     Args:
       z_thresh: the z-score above which a norm is a spike, ``>= 0``.
@@ -402,6 +547,11 @@ def zscore(
       mode: ``"reciprocal"`` or ``"mean"``, the spike threshold (see above).
       max_norm: a hard cap on the threshold, ``>= 0``; ``None`` for none.
       eps: added to the standard deviation before dividing, ``>= 0`` (reference: 1e-6).
+      initial_threshold: the cold-start threshold of the first nonzero norm, ``>= 0``.
+      cold_factor: warm-up norms are clipped to this multiple of the smallest nonzero
+        clipped norm so far, ``> 0``.
+      reference: ``True`` for the reference implementation's exact semantics (no cold
+        start, spikes feed their clipped value, zeros absorbed).
 
     Returns:
       A :class:`ZScore` rule for :func:`gradclip_jax.adaptive_clip`.
@@ -423,7 +573,19 @@ def zscore(
       >>> print(f"{logs['adaptive_clip/norm']:.1f} -> {logs['adaptive_clip/clipped_norm']:.2f}")
       9.0 -> 1.02
     """
-    return build("rules.zscore", ZScore, z_thresh, decay, warmup_steps, mode, max_norm, eps)
+    return build(
+        "rules.zscore",
+        ZScore,
+        z_thresh,
+        decay,
+        warmup_steps,
+        mode,
+        max_norm,
+        eps,
+        initial_threshold,
+        cold_factor,
+        reference,
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -433,8 +595,9 @@ def zscore(
 class EMAState(NamedTuple):
     """State of the :func:`ema` rule."""
 
-    count: jax.Array  # () int32, steps absorbed so far (saturating)
+    count: jax.Array  # () int32, nonzero norms absorbed so far (saturating)
     mean: jax.Array  # () float32, warm-up mean, then EMA of the clipped norm
+    smallest: jax.Array  # () float32, smallest nonzero clipped norm (cold start); inf before
 
 
 @dataclasses.dataclass(frozen=True)
@@ -444,44 +607,68 @@ class EMA(_Validated):
     factor: Any = 2.0
     decay: Any = 0.99
     warmup_steps: Any = 100
+    initial_threshold: Any = 1.0
+    cold_factor: Any = 4.0
 
     def validate(self, fn: str) -> None:
         check_range(fn, "factor", self.factor, low_inclusive=False)
         check_range(fn, "decay", self.decay, 0.0, 1.0)
         check_count(fn, "warmup_steps", self.warmup_steps, minimum=1)
+        _check_cold_start(fn, self)
 
     def init(self) -> EMAState:
-        return EMAState(jnp.zeros((), jnp.int32), jnp.zeros((), jnp.float32))
+        return EMAState(
+            jnp.zeros((), jnp.int32), jnp.zeros((), jnp.float32), jnp.array(jnp.inf, jnp.float32)
+        )
 
     def step(self, state: EMAState, norm: jax.Array, global_norm: jax.Array):
         del global_norm
+        norm = norm.astype(jnp.float32)
         warm = state.count < self.warmup_steps
-        threshold = jnp.where(warm, jnp.inf, _f32(self.factor) * state.mean)
+        cold = _cold_threshold(state.smallest, self.initial_threshold, self.cold_factor)
+        threshold = jnp.where(warm, cold, _f32(self.factor) * state.mean)
         clipped = jnp.minimum(norm, threshold)
         # Warm-up averages with weight 1/n (a plain mean), then with weight 1 - decay.
         weight = jnp.where(warm, 1 / (state.count + 1).astype(jnp.float32), 1 - _f32(self.decay))
         mean = state.mean + weight * (clipped - state.mean)
-        return threshold, EMAState(optax.safe_increment(state.count), mean)
+        # Zeros carry no scale (a warm-up of zeros would fix the threshold at 0), and a
+        # first norm above `initial_threshold` may be the explosion: neither is absorbed.
+        take = (norm > 0) & (~warm | ~jnp.isinf(state.smallest) | (norm <= cold))
+        return threshold, EMAState(
+            jnp.where(take, optax.safe_increment(state.count), state.count),
+            jnp.where(take, mean, state.mean),
+            _smallest(state.smallest, jnp.minimum(norm, cold)),
+        )
 
 
 def ema(
     factor: float | jax.Array = 2.0,
     decay: float | jax.Array = 0.99,
     warmup_steps: int | jax.Array = 100,
+    *,
+    initial_threshold: float | jax.Array = 1.0,
+    cold_factor: float | jax.Array = 4.0,
 ) -> EMA:
     """Clip to ``factor`` times the exponential moving average of past norms.
 
-    Warm-up: during the first ``warmup_steps`` steps nothing is clipped (the threshold
-    is ``inf``) and the average is the plain mean of the norms seen, so the EMA starts
-    from an unbiased estimate instead of from zero. Afterwards the threshold is
-    ``factor * mean`` with the mean of the *previous* steps, and the mean absorbs the
-    norm after clipping: ``mean <- decay * mean + (1 - decay) * min(norm, threshold)``,
-    so one spike moves it by at most ``(1 - decay) * (factor - 1) * mean``.
+    Warm-up, the first ``warmup_steps`` nonzero norms: the average is the plain mean of
+    the norms seen (clipped), so the EMA starts from an unbiased estimate instead of
+    from zero, and the threshold is the cold start's: ``initial_threshold`` for the
+    first nonzero norm (which is not absorbed if it exceeds it), then ``cold_factor``
+    times the smallest nonzero clipped norm so far. Afterwards the threshold is ``factor *
+    mean`` with the mean of the *previous* steps, and the mean absorbs the norm after
+    clipping: ``mean <- decay * mean + (1 - decay) * min(norm, threshold)``, so one
+    spike moves it by at most ``(1 - decay) * (factor - 1) * mean`` and a lasting rise
+    is followed at ``(1 - decay) * (factor - 1)`` (1%) per step. Zero norms are not
+    absorbed: a warm-up of zeros would fix the threshold at 0.
 
     Args:
       factor: the multiple of the average norm allowed, ``> 0``.
       decay: the EMA decay, in [0, 1].
-      warmup_steps: steps without clipping while the mean is estimated, ``>= 1``.
+      warmup_steps: nonzero norms averaged before the EMA takes over, ``>= 1``.
+      initial_threshold: the cold-start threshold of the first nonzero norm, ``>= 0``.
+      cold_factor: warm-up norms are clipped to this multiple of the smallest nonzero
+        clipped norm so far, ``> 0``.
 
     Returns:
       An :class:`EMA` rule for :func:`gradclip_jax.adaptive_clip`.
@@ -498,7 +685,7 @@ def ema(
       >>> print(f"{gradclip_jax.stats(state)['adaptive_clip/clipped_norm']:.1f}")
       4.0
     """
-    return build("rules.ema", EMA, factor, decay, warmup_steps)
+    return build("rules.ema", EMA, factor, decay, warmup_steps, initial_threshold, cold_factor)
 
 
 # --------------------------------------------------------------------------------------
@@ -590,6 +777,11 @@ def quantile(
 # AdaGC: per-tensor EMA of clipped norms after a global-clipping warm-up.
 
 
+# After warm-up, AdaGC's default EMA absorbs the norm bounded at this multiple of the
+# threshold (the paper: at the threshold).
+_ADAGC_BOUND = 2.0
+
+
 class AdaGCState(NamedTuple):
     """State of the :func:`adagc` rule (per leaf under ``granularity="leaf"``)."""
 
@@ -602,15 +794,17 @@ class AdaGC(_Validated):
     """The AdaGC rule; build it with :func:`adagc`."""
 
     abs_max: Any = 1.0
-    relative: Any = 1.05
-    decay: Any = 0.98
+    relative: Any = 1.1
+    decay: Any = 0.95
     warmup_steps: Any = 100
+    reference: bool = False
 
     def validate(self, fn: str) -> None:
         check_threshold(fn, "abs_max", self.abs_max)
         check_range(fn, "relative", self.relative, 1.0, high_inclusive=False)
         check_range(fn, "decay", self.decay, 0.0, 1.0)
         check_count(fn, "warmup_steps", self.warmup_steps)
+        _check_reference(fn, self.reference)
 
     def init(self) -> AdaGCState:
         return AdaGCState(jnp.zeros((), jnp.int32), jnp.array(jnp.inf, jnp.float32))
@@ -625,11 +819,17 @@ class AdaGC(_Validated):
         )
         threshold = jnp.where(warm, share, _f32(self.relative) * state.gamma)
         clipped = jnp.minimum(norm, threshold)
+        # The paper's EMA absorbs the clipped norm: after a lasting rise it grows by
+        # (1 - decay) * (relative - 1) a step (0.1% with the paper's values). By default
+        # it absorbs the norm bounded at twice the threshold: an isolated spike moves
+        # gamma by at most (1 - decay) * (2 * relative - 1), and a lasting rise is
+        # adopted at that rate (6% a step with the defaults).
+        fed = clipped if self.reference else jnp.minimum(norm, _ADAGC_BOUND * threshold)
         decay = _f32(self.decay)
         gamma = jnp.where(
             warm,
             jnp.minimum(state.gamma, clipped),
-            decay * state.gamma + (1 - decay) * clipped,
+            decay * state.gamma + (1 - decay) * fed,
         )
         # A zero norm (a frozen or unused parameter) says nothing about the scale.
         gamma = jnp.where(clipped > 0, gamma, state.gamma)
@@ -638,9 +838,11 @@ class AdaGC(_Validated):
 
 def adagc(
     abs_max: float | jax.Array = 1.0,
-    relative: float | jax.Array = 1.05,
-    decay: float | jax.Array = 0.98,
+    relative: float | jax.Array = 1.1,
+    decay: float | jax.Array = 0.95,
     warmup_steps: int | jax.Array = 100,
+    *,
+    reference: bool = False,
 ) -> AdaGC:
     """AdaGC: clip each block to ``relative`` times an EMA of its own clipped norms.
 
@@ -650,7 +852,22 @@ def adagc(
       norm ``abs_max`` (a leaf's threshold is its share ``abs_max * norm /
       global_norm``), and ``gamma`` tracks the minimum of the leaf's clipped norms;
     * then ``threshold = relative * gamma`` and
-      ``gamma <- decay * gamma + (1 - decay) * min(norm, threshold)``.
+      ``gamma <- decay * gamma + (1 - decay) * min(norm, threshold)`` (the paper's
+      update, ``reference=True``).
+
+    The warm-up (global clipping at ``abs_max``) is the paper's cold start. Two
+    defaults differ from the paper (``relative=1.05, decay=0.98, reference=True``):
+
+    * ``gamma`` absorbs ``min(norm, 2 * threshold)`` instead of the clipped norm. With
+      the paper's update a lasting rise of the norm is adopted at ``(1 - decay) *
+      (relative - 1)`` a step, 0.1% with its values (a x1.5 rise takes 400 steps, x10
+      2,300); with the bounded norm at ``(1 - decay) * (2 * relative - 1)`` a step (6%
+      with the defaults), which is also the most an isolated spike moves ``gamma``;
+    * ``relative=1.1, decay=0.95`` instead of 1.05 and 0.98: an EMA of a drifting norm
+      lags behind it by about ``decay / (1 - decay)`` steps of drift, 49 steps with
+      0.98, which on a x10 drift over 2,000 steps is 6%, more than the paper's 5%
+      margin: most steps were clipped. With the defaults the lag is 2% of a 10% margin.
+      See ``docs/adaptive_defaults.md``.
 
     Guard against a known pitfall: a norm of exactly zero (a parameter unused in that
     batch, or frozen) is not absorbed, so a leaf whose gradient is zero during warm-up
@@ -666,6 +883,7 @@ def adagc(
         below 1 the threshold would decay towards 0).
       decay: the EMA decay of ``gamma`` (beta), in [0, 1].
       warmup_steps: the number of global-clipping steps, an integer ``>= 0``.
+      reference: ``True`` for the paper's EMA of clipped norms (see above).
 
     Returns:
       An :class:`AdaGC` rule for :func:`gradclip_jax.adaptive_clip`.
@@ -684,10 +902,10 @@ def adagc(
       >>> state = tx.init(params)
       >>> _, state = tx.update({"a": jnp.array([0.3]), "b": jnp.array([0.4])}, state, params)
       >>> _, state = tx.update({"a": jnp.array([0.3]), "b": jnp.array([4.0])}, state, params)
-      >>> print(f"{gradclip_jax.stats(state)['adaptive_clip/clipped_norm']:.3f}")  # b: 1.05 * 0.4
-      0.516
+      >>> print(f"{gradclip_jax.stats(state)['adaptive_clip/clipped_norm']:.3f}")  # b: 1.1 * 0.4
+      0.533
     """
-    return build("rules.adagc", AdaGC, abs_max, relative, decay, warmup_steps)
+    return build("rules.adagc", AdaGC, abs_max, relative, decay, warmup_steps, reference)
 
 
 # --------------------------------------------------------------------------------------

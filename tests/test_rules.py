@@ -86,7 +86,8 @@ def test_percentile_matches_autoclip_reference(p, history):
         # our history keeps the last `history` norms.
         window = norms[max(0, t + 1 - history) : t + 1]
         expected.append(np.percentile(window, p))
-    thresholds, clipped, _ = _run_global(rules.percentile, norms, [("history", history)], p=p)
+    static = [("history", history), ("reference", True)]
+    thresholds, clipped, _ = _run_global(rules.percentile, norms, static, p=p)
     assert history > len(norms) or len(norms) > 3 * history  # small buffers wrap often
     _check(thresholds, clipped, expected, norms)
     assert thresholds[0] == pytest.approx(norms[0])  # step 1 never clips
@@ -143,7 +144,8 @@ def test_zscore_matches_zclip_reference(z_thresh, decay, warmup, mode, max_norm)
     finite_z = zs[np.isfinite(zs)]
     assert np.all(np.abs(finite_z - z_thresh) > 1e-2), "test data too close to the boundary"
     assert np.sum(finite_z > z_thresh) >= 3  # the sequence has spikes to clip
-    static = [("mode", mode)] + ([("max_norm", None)] if max_norm is None else [])
+    static = [("mode", mode), ("reference", True)]
+    static += [("max_norm", None)] if max_norm is None else []
     hyperparams = {} if max_norm is None else {"max_norm": max_norm}
     thresholds, clipped, flags = _run_global(
         rules.zscore,
@@ -163,17 +165,25 @@ def test_zscore_matches_zclip_reference(z_thresh, decay, warmup, mode, max_norm)
 
 
 @pytest.mark.parametrize("factor, decay, warmup", [(2.0, 0.9, 10), (1.2, 0.5, 1)])
-def test_ema_matches_definition(factor, decay, warmup):
+@pytest.mark.parametrize("first", [1.0, 0.5, 300.0, 0.0])
+def test_ema_matches_definition(factor, decay, warmup, first):
     norms = NORMS.astype(np.float32).astype(np.float64)
-    expected, mean = [], 0.0
-    for t, g in enumerate(norms):
-        if t < warmup:  # no clipping; mean of the warm-up norms
-            expected.append(math.inf)
-            mean = np.mean(norms[: t + 1])
+    norms[0] = first
+    expected, mean, count, smallest = [], 0.0, 0, math.inf
+    for g in norms:
+        if count < warmup:  # cold start; plain mean of the clipped warm-up norms
+            threshold = 1.0 if math.isinf(smallest) else 4.0 * smallest
+            if g > 0 and (g <= threshold or not math.isinf(smallest)):
+                count += 1
+                mean += (min(g, threshold) - mean) / count
         else:
             threshold = factor * mean
-            expected.append(threshold)
-            mean = decay * mean + (1 - decay) * min(g, threshold)
+            if g > 0:  # zeros carry no scale
+                mean = decay * mean + (1 - decay) * min(g, threshold)
+        expected.append(threshold)
+        if g > 0:  # the cold start's scale: the smallest clipped norm (a ratchet)
+            cold = 1.0 if math.isinf(smallest) else 4.0 * smallest
+            smallest = min(smallest, g, cold)
     thresholds, clipped, _ = _run_global(
         rules.ema, norms, factor=factor, decay=decay, warmup_steps=warmup
     )
@@ -217,7 +227,7 @@ def test_quantile_recovers_after_a_long_run_of_zero_norms():
 # AdaGC
 
 
-def _adagc_reference(rows, abs_max, relative, beta, warmup):
+def _adagc_reference(rows, abs_max, relative, beta, warmup, bound=1.0):
     """AdaGC (Wang et al. 2025), per leaf, plus the zero-norm guard we document.
 
     Warm-up: g_hat = min(1, abs_max / ||g||) * g, gamma = min(gamma, ||g_hat_i||) from
@@ -242,7 +252,8 @@ def _adagc_reference(rows, abs_max, relative, beta, warmup):
                 thr = relative * gamma[i]
                 out = min(1.0, thr / row[i]) * row[i] if row[i] > 0 else 0.0
             if out > 0:
-                gamma[i] = min(gamma[i], out) if warm else beta * gamma[i] + (1 - beta) * out
+                fed = out if warm else min(row[i], bound * thr)
+                gamma[i] = min(gamma[i], out) if warm else beta * gamma[i] + (1 - beta) * fed
             thr_row.append(thr)
             out_row.append(out)
         thresholds.append(thr_row)
@@ -250,7 +261,8 @@ def _adagc_reference(rows, abs_max, relative, beta, warmup):
     return np.array(thresholds), np.array(clipped)
 
 
-def test_adagc_matches_paper_per_leaf():
+@pytest.mark.parametrize("reference", [True, False])
+def test_adagc_matches_paper_per_leaf(reference):
     rng = np.random.default_rng(7)
     steps, warmup = 40, 6
     rows = np.abs(0.3 + 0.05 * rng.standard_normal((steps, 3)))
@@ -263,10 +275,11 @@ def test_adagc_matches_paper_per_leaf():
     rows[31:34, 1] = 1.2  # a plateau above the EMA
     rows = rows.astype(np.float32).astype(np.float64)
     abs_max, relative, beta = 1.0, 1.05, 0.9
-    expected_thr, expected_out = _adagc_reference(rows, abs_max, relative, beta, warmup)
+    bound = 1.0 if reference else 2.0
+    expected_thr, expected_out = _adagc_reference(rows, abs_max, relative, beta, warmup, bound)
 
     tx = gradclip_jax.adaptive_clip(
-        rules.adagc(abs_max, relative, beta, warmup), granularity="leaf"
+        rules.adagc(abs_max, relative, beta, warmup, reference=reference), granularity="leaf"
     )
     params = {"a": jnp.zeros(1), "b": jnp.zeros(1), "c": jnp.zeros(1)}
 
@@ -299,7 +312,7 @@ def test_adagc_without_the_guard_would_freeze_a_leaf():
     threshold, state = rule.step(state, norm, norm)
     assert float(threshold) > 0
     assert float(state.gamma) == pytest.approx(0.5)
-    assert float(rule.step(state, norm, norm)[0]) == pytest.approx(1.05 * 0.5)
+    assert float(rule.step(state, norm, norm)[0]) == pytest.approx(1.1 * 0.5)
 
 
 # ---------------------------------------------------------------------------------------
@@ -364,6 +377,10 @@ def test_thresholds_are_never_negative_or_nan_and_zeros_stay_zero(magnitudes):
         (rules.percentile, {"p": 101.0}, "rules.percentile", "p"),
         (rules.percentile, {"history": 0}, "rules.percentile", "history"),
         (rules.percentile, {"history": 2.5}, "rules.percentile", "history"),
+        (rules.percentile, {"bound_factor": 0.5}, "rules.percentile", "bound_factor"),
+        (rules.zscore, {"cold_factor": 0.0}, "rules.zscore", "cold_factor"),
+        (rules.zscore, {"initial_threshold": -1.0}, "rules.zscore", "initial_threshold"),
+        (rules.zscore, {"reference": 1}, "rules.zscore", "reference"),
         (rules.zscore, {"z_thresh": -1.0}, "rules.zscore", "z_thresh"),
         (rules.zscore, {"decay": 1.5}, "rules.zscore", "decay"),
         (rules.zscore, {"warmup_steps": 0}, "rules.zscore", "warmup_steps"),
