@@ -177,7 +177,7 @@ def plot_cliff(cliff: Cliff, path: str | pathlib.Path) -> None:
     import matplotlib.pyplot as plt
     from matplotlib.colors import LogNorm
 
-    fig, ax = plt.subplots(figsize=(7.5, 5.8))
+    fig, ax = plt.subplots(figsize=(7.5, 6.6))
     floor = max(float(cliff.loss[cliff.loss > 0].min()), 1e-8)
     mesh = ax.pcolormesh(
         cliff.w,
@@ -191,21 +191,25 @@ def plot_cliff(cliff: Cliff, path: str | pathlib.Path) -> None:
     for k in range(cliff.unclipped_path.shape[0]):
         first = k == 0
         unclipped, clipped = cliff.unclipped_path[k], cliff.clipped_path[k]
-        ax.plot(
-            *unclipped.T,
-            "-",
-            color="tab:red",
-            marker=".",
-            markersize=4,
-            linewidth=1.2,
-            label="unclipped SGD" if first else None,
-        )
+        # Both descents start at the same point and share their first steps: the clipped path
+        # is drawn wide underneath, the unclipped one thin on top, so both stay visible.
         ax.plot(
             *clipped.T,
             "-",
             color="white",
-            linewidth=1.3,
+            linewidth=3.2,
+            zorder=2,
             label="clipped SGD (global norm)" if first else None,
+        )
+        ax.plot(
+            *unclipped.T,
+            "--",
+            color="tab:red",
+            marker=".",
+            markersize=4,
+            linewidth=1.2,
+            zorder=3,
+            label="unclipped SGD" if first else None,
         )
         ax.plot(
             *unclipped[-1],
@@ -213,6 +217,7 @@ def plot_cliff(cliff: Cliff, path: str | pathlib.Path) -> None:
             color="tab:red",
             markeredgecolor="black",
             markersize=8,
+            zorder=4,
             label="unclipped end" if first else None,
         )
         ax.plot(
@@ -221,6 +226,7 @@ def plot_cliff(cliff: Cliff, path: str | pathlib.Path) -> None:
             color="white",
             markeredgecolor="black",
             markersize=8,
+            zorder=4,
             label="clipped end" if first else None,
         )
         ax.plot(
@@ -229,6 +235,7 @@ def plot_cliff(cliff: Cliff, path: str | pathlib.Path) -> None:
             color="black",
             markeredgecolor="white",
             markersize=7,
+            zorder=4,
             label="start" if first else None,
         )
     ax.set_xlim(cliff.w[0], cliff.w[-1])
@@ -236,7 +243,16 @@ def plot_cliff(cliff: Cliff, path: str | pathlib.Path) -> None:
     ax.set_xlabel("w (recurrent weight)")
     ax.set_ylabel("b (bias)")
     ax.set_title(r"Loss cliff of $x_t = w\,\sigma(x_{t-1}) + b$, 50 steps (Pascanu et al. 2013)")
-    ax.legend(loc="upper left", facecolor="0.35", labelcolor="white", framealpha=0.9)
+    # Under the plane, not over it.
+    ax.legend(
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.11),
+        ncol=3,
+        facecolor="0.35",
+        labelcolor="white",
+        framealpha=0.9,
+        fontsize=8,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -19,6 +19,9 @@ from gradclip_jax.demo.report import moving_average, smoothing_window  # noqa: E
 from gradclip_jax.demo.tasks import get_task  # noqa: E402
 from gradclip_jax.demo.train import STRATEGY_SPECS, DemoConfig, TrainingRun  # noqa: E402
 
+LINE_STYLES = ("-", "--", "-.", ":")
+MARKERS = ("o", "s", "^", "v", "D", "P", "X", "*", "<", ">")
+
 
 def _grid(count: int, title: str) -> tuple[Any, list[Any]]:
     columns = min(3, count)
@@ -32,8 +35,15 @@ def _grid(count: int, title: str) -> tuple[Any, list[Any]]:
     return fig, list(axes.flat[:count])
 
 
-def _save(fig: Any, path: pathlib.Path) -> None:
-    fig.tight_layout()
+def _save(fig: Any, path: pathlib.Path, legend_from: Any = None) -> None:
+    """Saves ``fig``; with ``legend_from`` (an axis), its legend goes in a row under the panels,
+    where it covers no data."""
+    if legend_from is None:
+        fig.tight_layout()
+    else:
+        handles, labels = legend_from.get_legend_handles_labels()
+        fig.tight_layout(rect=(0, 0.07 if len(fig.axes) > 3 else 0.12, 1, 1))
+        fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -82,8 +92,7 @@ def plot_losses(config: DemoConfig, run: TrainingRun, path: pathlib.Path) -> Non
     # Diverging losses reach 1e30: show the range where learning happens.
     axes[0].set_ylim(task.success_loss / 10, task.baseline_loss * 30)
     _label_outer(axes, f"{task.name} loss")
-    axes[0].legend(fontsize=7, loc="lower left")
-    _save(fig, path)
+    _save(fig, path, legend_from=axes[0])
 
 
 def plot_grad_norms(config: DemoConfig, run: TrainingRun, path: pathlib.Path) -> None:
@@ -126,9 +135,10 @@ def plot_grad_norms(config: DemoConfig, run: TrainingRun, path: pathlib.Path) ->
             )
         diverged = int(np.sum(run.diverged_at[name] >= 0))
         ax.set_title(name + (f" ({diverged} diverged)" if diverged else ""))
-        ax.legend(fontsize=7, loc="upper right")
     _label_outer(axes, "global gradient norm")
-    _save(fig, path)
+    # The first clipper's panel has both the seeds and a threshold line to explain.
+    clipped = [ax for ax, name in zip(axes, run.names) if name != "none"]
+    _save(fig, path, legend_from=clipped[0] if clipped else axes[0])
 
 
 def plot_hidden_gradients(
@@ -154,13 +164,32 @@ def plot_hidden_gradients(
     for layer, ax in enumerate(axes[0]):
         ax.set_yscale("log")
         ax.plot(steps, np.median(_finite(initial[:, layer]), axis=0), "k--", lw=2, label="at init")
-        for name, norms in final.items():
+        drawn: dict[str, np.ndarray] = {}
+        for i, (name, norms) in enumerate(final.items()):
             kept = _finite(norms[~diverged[name], layer])
             label = f"after: {name}"
             if diverged[name].any():
                 label += f" ({int(diverged[name].sum())} diverged, left out)"
             curve = np.median(kept, axis=0) if len(kept) else np.full(config.length, np.nan)
-            ax.plot(steps, curve, lw=1.2, label=label)
+            same = [
+                other
+                for other, seen in drawn.items()
+                if np.allclose(seen, curve, rtol=1e-6, equal_nan=True)
+            ]
+            if same and not np.all(np.isnan(curve)):
+                label += f" (identical to {same[0]})"
+            drawn[name] = curve
+            # Line styles cycle with the colours, and markers set apart curves that coincide.
+            ax.plot(
+                steps,
+                curve,
+                lw=1.2,
+                ls=LINE_STYLES[i % len(LINE_STYLES)],
+                marker=MARKERS[i % len(MARKERS)],
+                markevery=max(1, config.length // 8) + i,
+                ms=4,
+                label=label,
+            )
         ax.set_xlabel("time step t (the loss reads the last step)")
         ax.set_ylabel("||dL/dh_t||")
         ax.set_title(f"layer {layer + 1} of {depth}")

@@ -47,18 +47,23 @@ class StrategySpec(NamedTuple):
     """
 
     factory: str
-    kwargs: dict[str, float]
+    kwargs: dict[str, float | None]
     global_threshold: bool
 
 
 # A strategy is offered only once its factory exists in gradclip_jax: a new one is one line.
+# Each is configured as a user would, with the paper's or the library's defaults, except
+# zclip: its default cap (max_norm=1.0) sits below this model's gradient norms all run, so the
+# cap alone would decide and zclip would repeat global_norm; with a cap of 10 the cap guards
+# the warm-up and the z-score sets the threshold once the norms have settled.
 STRATEGY_SPECS: dict[str, StrategySpec] = {
     "value": StrategySpec("clip_by_value", {"max_abs": 0.1}, False),
     "global_norm": StrategySpec("clip_by_global_norm", {"max_norm": 1.0}, True),
     "leaf_norm": StrategySpec("clip_by_leaf_norm", {"max_norm": 0.5}, False),
     "agc": StrategySpec("agc", {"clipping": 0.02}, False),
     "autoclip": StrategySpec("autoclip", {}, True),
-    "zclip": StrategySpec("zclip", {}, True),
+    "zclip": StrategySpec("zclip", {"max_norm": 10.0}, True),
+    "adaptive_clip": StrategySpec("adaptive_clip", {}, True),
     "adagc": StrategySpec("adagc", {}, False),
     "quantile": StrategySpec("quantile_clip", {}, True),
 }
