@@ -314,3 +314,23 @@ def test_cli_sweep_mode_writes_its_plot(tmp_path):
     sweep = json.loads((tmp_path / "sweep.json").read_text())
     assert len(sweep["final_loss"]) == 2
     assert matplotlib.image.imread(tmp_path / "sweep.png").std() > 0.05
+
+
+def test_calibration_table_counts_solved_and_diverged_per_length():
+    from gradclip_jax.demo.calibrate import calibration_table
+
+    def row(name, held_out, diverged):
+        solved = sum(x < 0.05 for x in held_out)
+        per_seed = {"held_out_loss": held_out}
+        return {"strategy": name, "solved": solved, "diverged": diverged, "per_seed": per_seed}
+
+    config = DemoConfig(seeds=(0, 1))
+    inf = float("inf")
+    results = {
+        50: [row("none", [inf, inf], 2), row("global_norm", [0.02, 0.03], 0)],
+        120: [row("none", [inf, 0.17], 1), row("global_norm", [0.04, 0.06], 0)],
+    }
+    lines = calibration_table(config, results).splitlines()
+    assert lines[2] == "| strategy | length 50 | length 120 |"
+    assert lines[4] == "| none | 0/2 solved, 2/2 div (-) | 0/2 solved, 1/2 div (0.170-0.170) |"
+    assert lines[5].endswith("| 1/2 solved, 0/2 div (0.040-0.060) |")

@@ -107,6 +107,15 @@ def parse_sweep_args(argv: Sequence[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def config_from_args(args: argparse.Namespace) -> DemoConfig:
+    """The `DemoConfig` of parsed ``gradclip-demo`` flags."""
+    fields = {f.name for f in dataclasses.fields(DemoConfig)}
+    settings = {k: v for k, v in vars(args).items() if k in fields}
+    settings["seeds"] = tuple(args.seeds)
+    settings["strategies"] = tuple(args.strategies)
+    return DemoConfig(**settings)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Runs the demo with the command-line settings (``argv`` defaults to ``sys.argv``).
 
@@ -128,11 +137,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         main_sweep(a.out, a.thresholds, config)
         return
     args = parse_args(argv)
-    fields = {f.name for f in dataclasses.fields(DemoConfig)}
-    settings = {k: v for k, v in vars(args).items() if k in fields}
-    settings["seeds"] = tuple(args.seeds)
-    settings["strategies"] = tuple(args.strategies)
-    run_demo(DemoConfig(**settings), args.out, progress=not args.no_progress)
+    run_demo(config_from_args(args), args.out, progress=not args.no_progress)
     summary = run_cliff(args.out)
     print(
         f"loss cliff (Pascanu et al. 2013, Fig. 6): wall {summary['wall_ratio']:.0f}x the median "

@@ -88,8 +88,8 @@ class DemoConfig:
     """Everything that defines one demo run. The defaults are the README's configuration."""
 
     task: str = "adding"
-    length: int = 50
-    depth: int = 1
+    length: int = 100
+    depth: int = 2
     hidden: int = 32
     cell: str = "rnn"
     activation: str = "relu"
