@@ -15,6 +15,7 @@ from gradclip_jax.demo import sweep as sweep_module  # noqa: E402
 TINY = sweep_module.SweepConfig(length=10, hidden=8, steps=20, batch_size=8, learning_rate=20.0)
 
 
+@pytest.mark.slow
 def test_vmapped_sweep_equals_sequential_runs_and_flags_divergence(tmp_path):
     thresholds = [1e-3, 1e-2, math.inf]
     # main_sweep: the demo mode, which runs `sweep` and writes its outputs.

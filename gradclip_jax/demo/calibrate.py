@@ -59,7 +59,7 @@ def calibration_table(config: DemoConfig, results: dict[int, list[dict[str, Any]
         for length in lengths:
             row = results[length][i]
             finite = [x for x in row["per_seed"]["held_out_loss"] if x != float("inf")]
-            spread = f"{min(finite):.3f}-{max(finite):.3f}" if finite else "-"
+            spread = f"{min(finite):.3g} to {max(finite):.3g}" if finite else "-"
             solved, diverged = row["solved"], row["diverged"]
             cells.append(f"{solved}/{seeds} solved, {diverged}/{seeds} div ({spread})")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
