@@ -35,15 +35,24 @@ def _grid(count: int, title: str) -> tuple[Any, list[Any]]:
     return fig, list(axes.flat[:count])
 
 
-def _save(fig: Any, path: pathlib.Path, legend_from: Any = None) -> None:
-    """Saves ``fig``; with ``legend_from`` (an axis), its legend goes in a row under the panels,
-    where it covers no data."""
-    if legend_from is None:
+def _save(fig: Any, path: pathlib.Path, legend_from: Sequence[Any] = ()) -> None:
+    """Saves ``fig`` with one legend for the entries of the axes ``legend_from``, placed where
+    it covers no data: in an empty slot of the grid if there is one, else under the panels."""
+    handles: dict[str, Any] = {}
+    for ax in legend_from:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    spare = [ax for ax in fig.axes if not ax.get_visible()]
+    if not handles:
+        fig.tight_layout()
+    elif spare:
+        spare[0].set_visible(True)
+        spare[0].axis("off")
+        spare[0].legend(list(handles.values()), list(handles), loc="center", fontsize=9)
         fig.tight_layout()
     else:
-        handles, labels = legend_from.get_legend_handles_labels()
-        fig.tight_layout(rect=(0, 0.07 if len(fig.axes) > 3 else 0.12, 1, 1))
-        fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8)
+        fig.tight_layout(rect=(0, 0.08, 1, 1))
+        fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=4, fontsize=8)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -92,7 +101,7 @@ def plot_losses(config: DemoConfig, run: TrainingRun, path: pathlib.Path) -> Non
     # Diverging losses reach 1e30: show the range where learning happens.
     axes[0].set_ylim(task.success_loss / 10, task.baseline_loss * 30)
     _label_outer(axes, f"{task.name} loss")
-    _save(fig, path, legend_from=axes[0])
+    _save(fig, path, legend_from=axes[:1])
 
 
 def plot_grad_norms(config: DemoConfig, run: TrainingRun, path: pathlib.Path) -> None:
@@ -130,15 +139,13 @@ def plot_grad_norms(config: DemoConfig, run: TrainingRun, path: pathlib.Path) ->
                 _median_over_seeds(history[stat]),
                 color="k",
                 lw=1.2,
-                ls="--",
+                ls="--" if key == "threshold" else ":",
                 label=f"{label} (median)",
             )
         diverged = int(np.sum(run.diverged_at[name] >= 0))
         ax.set_title(name + (f" ({diverged} diverged)" if diverged else ""))
     _label_outer(axes, "global gradient norm")
-    # The first clipper's panel has both the seeds and a threshold line to explain.
-    clipped = [ax for ax, name in zip(axes, run.names) if name != "none"]
-    _save(fig, path, legend_from=clipped[0] if clipped else axes[0])
+    _save(fig, path, legend_from=axes)
 
 
 def plot_hidden_gradients(

@@ -192,7 +192,7 @@ def _format_row(row: dict[str, Any]) -> dict[str, str]:
     steps = row["steps_to_solve_median"]
 
     def loss(value: float) -> str:
-        return "diverged" if math.isinf(value) else f"{value:.4f}"
+        return "diverged" if math.isinf(value) else f"{value:.3g}"
 
     return {
         "strategy": row["strategy"],
