@@ -78,6 +78,18 @@ def _median_over_seeds(values: np.ndarray) -> np.ndarray:
         return np.nanmedian(_finite(values), axis=0)
 
 
+def _title(run: TrainingRun, name: str, diverged_note: str) -> str:
+    """Panel title: the strategy, its divergences, and the earlier strategy it repeats exactly
+    (same losses at every step and seed), if any."""
+    diverged = int(np.sum(run.diverged_at[name] >= 0))
+    title = name + (f" ({diverged} {diverged_note})" if diverged else "")
+    losses = run.history[name]["loss"]
+    for other in run.names[: run.names.index(name)]:
+        if np.array_equal(run.history[other]["loss"], losses, equal_nan=True):
+            return f"{title}, identical to {other}"
+    return title
+
+
 def plot_losses(config: DemoConfig, run: TrainingRun, path: pathlib.Path) -> None:
     """Training loss (moving average) of every seed, one panel per strategy, log scale."""
     task = get_task(config.task)
@@ -96,8 +108,7 @@ def plot_losses(config: DemoConfig, run: TrainingRun, path: pathlib.Path) -> Non
                 ax.plot(diverged_at + 1, task.baseline_loss, "x", color=line.get_color(), ms=10)
         ax.axhline(task.baseline_loss, color="k", ls="--", lw=1, label="constant prediction")
         ax.axhline(task.success_loss, color="g", ls=":", lw=1.5, label="solved below")
-        diverged = int(np.sum(run.diverged_at[name] >= 0))
-        ax.set_title(name + (f" ({diverged} diverged at x)" if diverged else ""))
+        ax.set_title(_title(run, name, "diverged at x"), fontsize=10)
     # Diverging losses reach 1e30: show the range where learning happens.
     axes[0].set_ylim(task.success_loss / 10, task.baseline_loss * 30)
     _label_outer(axes, f"{task.name} loss")
@@ -142,8 +153,7 @@ def plot_grad_norms(config: DemoConfig, run: TrainingRun, path: pathlib.Path) ->
                 ls="--" if key == "threshold" else ":",
                 label=f"{label} (median)",
             )
-        diverged = int(np.sum(run.diverged_at[name] >= 0))
-        ax.set_title(name + (f" ({diverged} diverged)" if diverged else ""))
+        ax.set_title(_title(run, name, "diverged"), fontsize=10)
     _label_outer(axes, "global gradient norm")
     _save(fig, path, legend_from=axes)
 
