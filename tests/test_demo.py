@@ -15,7 +15,12 @@ from gradclip_jax.demo import report  # noqa: E402
 from gradclip_jax.demo.cli import main  # noqa: E402
 from gradclip_jax.demo.models import DeepRNN  # noqa: E402
 from gradclip_jax.demo.tasks import TASKS, get_task  # noqa: E402
-from gradclip_jax.demo.train import DemoConfig, available_strategies, train_step  # noqa: E402
+from gradclip_jax.demo.train import (  # noqa: E402
+    DemoConfig,
+    TrainingRun,
+    available_strategies,
+    train_step,
+)
 
 EVERY_STRATEGY = (
     "none",
@@ -25,6 +30,7 @@ EVERY_STRATEGY = (
     "agc",
     "autoclip",
     "zclip",
+    "adaptive_clip",
     "adagc",
     "quantile",
 )
@@ -49,12 +55,13 @@ def demo_output(tmp_path_factory):
     return out, results, dict(np.load(out / "history.npz"))
 
 
+@pytest.mark.slow
 def test_cli_writes_table_json_markdown_and_plots(demo_output):
     out, results, _ = demo_output
     assert [row["strategy"] for row in results["strategies"]] == list(EVERY_STRATEGY)
     for row in results["strategies"]:
         assert row["per_seed"]["seed"] == [3, 5]
-        assert len(row["per_seed"]["final_loss"]) == 2
+        assert len(row["per_seed"]["held_out_loss"]) == len(row["per_seed"]["reason"]) == 2
         assert 0.0 <= row["clip_rate"] <= 1.0
     rows = {row["strategy"]: row for row in results["strategies"]}
     assert rows["none"]["clip_rate"] == 0.0 and rows["value"]["clip_rate"] > 0.0
@@ -66,12 +73,14 @@ def test_cli_writes_table_json_markdown_and_plots(demo_output):
     assert set(results["gradient_health"]) == {"init", *EVERY_STRATEGY}
     markdown = (out / "results.md").read_text()
     assert "| strategy" in markdown and "| global_norm" in markdown
+    assert "* **none** (2/2): seed 3: diverged at step" in markdown
     for name in ("loss.png", "grad_norm.png", "hidden_grad.png", "cliff.png"):
         image = matplotlib.image.imread(out / name)
         assert image.shape[0] > 300 and image.shape[1] > 600, name
         assert image.std() > 0.05, f"{name} looks blank"
 
 
+@pytest.mark.slow
 def test_every_strategy_trains_and_records_its_statistics(demo_output):
     _, _, history = demo_output
     for name in EVERY_STRATEGY:
@@ -93,6 +102,7 @@ def test_every_strategy_trains_and_records_its_statistics(demo_output):
     assert np.all(history[f"{prefix}/clipped_norm"] <= 1.0 + 1e-5)
 
 
+@pytest.mark.slow
 def test_divergence_is_detected_masked_and_reported(demo_output):
     _, results, history = demo_output
     rows = {row["strategy"]: row for row in results["strategies"]}
@@ -101,6 +111,10 @@ def test_divergence_is_detected_masked_and_reported(demo_output):
     assert rows["none"]["final_loss_median"] == float("inf")
     assert rows["none"]["per_seed"]["diverged_at_step"] == list(history["none/diverged_at"])
     assert np.all(history["global_norm/diverged_at"] < 0) and rows["global_norm"]["diverged"] == 0
+    # adaptive_clip does not clip in its 25 warm-up steps (threshold inf in its state, which is
+    # no divergence): it diverges where no clipping does.
+    np.testing.assert_array_equal(history["adaptive_clip/diverged_at"], history["none/diverged_at"])
+    assert "threshold inf" in rows["adaptive_clip"]["per_seed"]["reason"][0]
     # Diverged seeds are frozen at their last finite parameters.
     for name in EVERY_STRATEGY:
         norms = [leaf["param_norm"] for leaf in results["gradient_health"][name]]
@@ -215,9 +229,138 @@ def test_moving_average_and_steps_to_solve():
     np.testing.assert_allclose(report.moving_average(losses, 2), [[1.0, 2.0, 2.5, 1.0, np.nan]])
 
 
+def _spiky_losses(steps=1500, spike_at=700, spike=3.5e17):
+    """Training losses of 0.04 to 0.10 with one huge spike, as measured in a quantile seed."""
+    losses = 0.04 + 0.06 * np.random.default_rng(0).random(steps)
+    losses[spike_at] = spike
+    return losses
+
+
+def test_moving_average_survives_a_huge_spike():
+    """A difference of running sums read 0.0 here: the spike ate the digits of later losses."""
+    losses = _spiky_losses()
+    averaged = report.moving_average(losses[None], 50)[0]
+    np.testing.assert_allclose(averaged[-1], losses[-50:].mean(), rtol=1e-12)
+    assert averaged[749] > 1e15 and averaged[750] == pytest.approx(losses[701:751].mean())
+
+
+def _synthetic_run(config, history, diverged_at):
+    return TrainingRun(
+        names=tuple(history),
+        history=history,
+        diverged_at={k: np.asarray(v) for k, v in diverged_at.items()},
+        model_graphdef=None,
+        initial_models=None,
+        final_models={},
+        compile_seconds=0.0,
+        train_seconds=0.0,
+    )
+
+
+def test_verdicts_come_from_held_out_loss_not_a_spiky_training_average():
+    steps = 1500
+    config = DemoConfig(steps=steps, seeds=(0, 1, 2))
+    spiky = _spiky_losses(steps)
+    falling = np.linspace(0.16, 0.02, steps)
+    flat = np.full(steps, 0.09)
+    diverged = np.concatenate([[0.17, 0.2, np.inf], np.full(steps - 3, np.nan)])
+    zeros = np.zeros(steps)
+    history = {
+        "quantile": {
+            "loss": np.stack([spiky, falling, flat]),
+            "grad_norm": np.ones((3, steps)),
+            "quantile_clip/threshold": np.ones((3, steps)),
+            "quantile_clip/clipped": np.stack([zeros, zeros, zeros]),
+            "quantile_clip/clip_count": np.zeros((3, steps)),
+        },
+        "none": {
+            "loss": np.stack([diverged, falling, falling]),
+            "grad_norm": np.full((3, steps), 3e4),
+        },
+    }
+    run = _synthetic_run(config, history, {"quantile": [-1, -1, -1], "none": [2, -1, -1]})
+    # Seed 0: the training average looks solved, but its held-out loss is 0.073.
+    row = report.summarize(config, run, "quantile", {"loss": np.array([0.073, 0.03, 0.09])})
+    assert row["solved"] == 1 and row["final_loss_median"] == pytest.approx(0.073)
+    assert row["per_seed"]["training_loss"][0] == pytest.approx(spiky[-50:].mean())
+    # Steps to solve: the first step whose 50-step average is below 0.05, solved seeds only.
+    first = int(np.argmax(report.moving_average(falling[None], 50)[0] < 0.05)) + 1
+    assert row["per_seed"]["steps_to_solve"] == [None, first, None]
+    reasons = row["per_seed"]["reason"]
+    assert reasons[1] is None
+    assert reasons[0].startswith("stalled (held-out 0.073")
+    assert reasons[2].startswith("stalled (held-out 0.09")
+    row = report.summarize(config, run, "none", {"loss": np.array([np.nan, 0.16, 0.12])})
+    assert row["solved"] == 0 and row["diverged"] == 1
+    reasons = row["per_seed"]["reason"]
+    # The loss became infinite at step 2: the update of step 1 threw the parameters.
+    assert reasons[0] == "diverged at step 2 (loss inf; gradient norm 3e+04 at step 1, no clipping)"
+    assert reasons[1].startswith("no better than the baseline (held-out 0.16")
+    assert reasons[2].startswith("too slow (held-out 0.12")
+    assert "| quantile" not in "\n".join(report.failure_lines([]))
+
+
+def test_help_lists_the_sweep_and_shows_every_default(capsys):
+    for argv in (["--help"], ["sweep", "--help"]):
+        with pytest.raises(SystemExit):
+            main(argv)
+        text = capsys.readouterr().out
+        if argv == ["--help"]:
+            assert "gradclip-demo sweep" in text
+        # Every option but -h is documented with its default (argparse wraps long lines).
+        options = text.split("options:")[1].split("Subcommand")[0]
+        entries = [e for e in options.split("\n  -") if e.strip()][1:]
+        assert len(entries) >= 9, argv
+        for entry in entries:
+            assert "(default:" in " ".join(entry.split()), entry
+
+
+@pytest.mark.slow
 def test_cli_sweep_mode_writes_its_plot(tmp_path):
     argv = ["sweep", "--thresholds", "0.5", "inf", "--steps", "5", "--hidden", "4"]
     main([*argv, "--batch-size", "4", "--length", "6", "--out", str(tmp_path)])
     sweep = json.loads((tmp_path / "sweep.json").read_text())
     assert len(sweep["final_loss"]) == 2
     assert matplotlib.image.imread(tmp_path / "sweep.png").std() > 0.05
+
+
+def test_calibration_table_counts_solved_and_diverged_per_length():
+    from gradclip_jax.demo.calibrate import calibration_table
+
+    def row(name, held_out, diverged):
+        solved = sum(x < 0.05 for x in held_out)
+        per_seed = {"held_out_loss": held_out}
+        return {"strategy": name, "solved": solved, "diverged": diverged, "per_seed": per_seed}
+
+    config = DemoConfig(seeds=(0, 1))
+    inf = float("inf")
+    results = {
+        50: [row("none", [inf, inf], 2), row("global_norm", [0.02, 0.03], 0)],
+        120: [row("none", [inf, 0.17], 1), row("global_norm", [0.04, 0.06], 0)],
+    }
+    lines = calibration_table(config, results).splitlines()
+    assert lines[2] == "| strategy | length 50 | length 120 |"
+    assert lines[4] == "| none | 0/2 solved, 2/2 div (-) | 0/2 solved, 1/2 div (0.17 to 0.17) |"
+    assert lines[5].endswith("| 1/2 solved, 0/2 div (0.04 to 0.06) |")
+
+
+@pytest.mark.slow
+def test_same_seeds_give_the_same_numbers():
+    """Determinism on CPU: two runs of the same configuration record identical histories."""
+    from gradclip_jax.demo.train import train
+
+    config = DemoConfig(
+        length=6,
+        depth=2,
+        hidden=4,
+        batch_size=4,
+        steps=5,
+        seeds=(1, 2),
+        fast_compile=True,
+        strategies=("none", "zclip", "quantile"),
+    )
+    first, second = train(config), train(config)
+    for name in config.strategies:
+        assert first.history[name].keys() == second.history[name].keys()
+        for key, values in first.history[name].items():
+            np.testing.assert_array_equal(values, second.history[name][key], err_msg=key)

@@ -21,8 +21,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     defaults = DemoConfig()
     parser = argparse.ArgumentParser(
         prog="gradclip-demo",
+        usage="%(prog)s [-h] [options]\n       %(prog)s sweep [-h] [sweep options]",
         description="Train deep vanilla RNNs on long-range tasks with and without gradient "
         "clipping; print a results table and write results.json, results.md and PNG plots.",
+        epilog="Subcommand: 'gradclip-demo sweep [flags]' trains one model per global-norm "
+        "threshold in one vmapped program and plots final loss against threshold; "
+        "'gradclip-demo sweep --help' lists its flags.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add = parser.add_argument
@@ -56,7 +60,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add("--batch-size", type=int, default=defaults.batch_size, help="sequences per step")
     add("--seeds", type=int, nargs="+", default=list(defaults.seeds), help="random seeds")
     strategies = list(available_strategies())
-    add("--strategies", nargs="+", choices=strategies, default=strategies, help="to compare")
+    add(
+        "--strategies",
+        nargs="+",
+        choices=strategies,
+        default=strategies,
+        metavar="NAME",
+        help=f"strategies to compare, from: {', '.join(strategies)}",
+    )
     add("--out", default="demo_output", help="output folder")
     add(
         "--fast-compile",
@@ -68,11 +79,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def parse_sweep_args(argv: Sequence[str]) -> argparse.Namespace:
-    """Parses ``gradclip-demo sweep ...`` flags."""
+    """Parses ``gradclip-demo sweep ...`` flags; every default is `SweepConfig`'s."""
+    defaults = SweepConfig()
     parser = argparse.ArgumentParser(
         prog="gradclip-demo sweep",
-        description="Train one copy of the demo model per clipping threshold, all in one "
-        "vmapped program, and plot final loss against threshold.",
+        description="Train one copy of the demo model per global-norm clipping threshold, all "
+        "in one vmapped program, and plot final loss against threshold (sweep.png, sweep.json).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add = parser.add_argument
     add(
@@ -82,15 +95,25 @@ def parse_sweep_args(argv: Sequence[str]) -> argparse.Namespace:
         default=[*DEFAULT_THRESHOLDS, math.inf],
         help="global-norm thresholds ('inf' = no clipping)",
     )
-    add("--task", default="adding")
-    add("--length", type=int, default=50)
-    add("--hidden", type=int, default=32)
-    add("--steps", type=int, default=500)
-    add("--learning-rate", type=float, default=0.05)
-    add("--batch-size", type=int, default=32)
-    add("--seed", type=int, default=0)
+    add("--task", choices=sorted(TASKS), default=defaults.task, help="synthetic task")
+    add("--length", type=int, default=defaults.length, help="sequence length")
+    add("--depth", type=int, default=defaults.depth, help="stacked recurrent layers")
+    add("--hidden", type=int, default=defaults.hidden, help="hidden units per layer")
+    add("--steps", type=int, default=defaults.steps, help="training steps")
+    add("--learning-rate", type=float, default=defaults.learning_rate, help="SGD learning rate")
+    add("--batch-size", type=int, default=defaults.batch_size, help="sequences per step")
+    add("--seed", type=int, default=defaults.seed, help="random seed (initialisation and data)")
     add("--out", default="demo_output", help="output folder")
     return parser.parse_args(argv)
+
+
+def config_from_args(args: argparse.Namespace) -> DemoConfig:
+    """The `DemoConfig` of parsed ``gradclip-demo`` flags."""
+    fields = {f.name for f in dataclasses.fields(DemoConfig)}
+    settings = {k: v for k, v in vars(args).items() if k in fields}
+    settings["seeds"] = tuple(args.seeds)
+    settings["strategies"] = tuple(args.strategies)
+    return DemoConfig(**settings)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -104,6 +127,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         config = SweepConfig(
             task=a.task,
             length=a.length,
+            depth=a.depth,
             hidden=a.hidden,
             steps=a.steps,
             learning_rate=a.learning_rate,
@@ -113,11 +137,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         main_sweep(a.out, a.thresholds, config)
         return
     args = parse_args(argv)
-    fields = {f.name for f in dataclasses.fields(DemoConfig)}
-    settings = {k: v for k, v in vars(args).items() if k in fields}
-    settings["seeds"] = tuple(args.seeds)
-    settings["strategies"] = tuple(args.strategies)
-    run_demo(DemoConfig(**settings), args.out, progress=not args.no_progress)
+    run_demo(config_from_args(args), args.out, progress=not args.no_progress)
     summary = run_cliff(args.out)
     print(
         f"loss cliff (Pascanu et al. 2013, Fig. 6): wall {summary['wall_ratio']:.0f}x the median "

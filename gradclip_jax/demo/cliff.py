@@ -170,75 +170,78 @@ def compute_cliff(
 
 
 def plot_cliff(cliff: Cliff, path: str | pathlib.Path) -> None:
-    """Saves the loss surface (log colour scale) with both descents from every start."""
+    """Saves the loss surface (log colour scale) twice, side by side: plain descent from every
+    start on the left, clipped descent from the same starts on the right (drawn on one plane,
+    the two paths coincide until the wall and hide each other)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.colors import LogNorm
 
-    fig, ax = plt.subplots(figsize=(7.5, 5.8))
+    fig, axes = plt.subplots(1, 2, figsize=(12.5, 5.8), sharey=True)
     floor = max(float(cliff.loss[cliff.loss > 0].min()), 1e-8)
-    mesh = ax.pcolormesh(
-        cliff.w,
-        cliff.b,
-        np.maximum(cliff.loss, floor),
-        norm=LogNorm(vmin=floor, vmax=float(cliff.loss.max())),
-        cmap="viridis",
-        shading="auto",
+    norm = LogNorm(vmin=floor, vmax=float(cliff.loss.max()))
+    panels = (
+        (axes[0], cliff.unclipped_path, "tab:red", "plain gradient descent"),
+        (axes[1], cliff.clipped_path, "white", f"gradient clipped to norm {MAX_NORM:g}"),
     )
-    fig.colorbar(mesh, ax=ax, label=r"loss $(\sigma(x_{50}) - 0.7)^2$ (log scale)")
-    for k in range(cliff.unclipped_path.shape[0]):
-        first = k == 0
-        unclipped, clipped = cliff.unclipped_path[k], cliff.clipped_path[k]
-        ax.plot(
-            *unclipped.T,
-            "-",
-            color="tab:red",
-            marker=".",
-            markersize=4,
-            linewidth=1.2,
-            label="unclipped SGD" if first else None,
+    for ax, paths, color, title in panels:
+        mesh = ax.pcolormesh(
+            cliff.w,
+            cliff.b,
+            np.maximum(cliff.loss, floor),
+            norm=norm,
+            cmap="viridis",
+            shading="auto",
         )
-        ax.plot(
-            *clipped.T,
-            "-",
-            color="white",
-            linewidth=1.3,
-            label="clipped SGD (global norm)" if first else None,
+        for k, path_k in enumerate(paths):
+            first = k == 0
+            ax.plot(
+                *path_k.T,
+                "-",
+                color=color,
+                marker=".",
+                ms=4,
+                lw=1.2,
+                label="path" if first else None,
+            )
+            ax.plot(
+                *path_k[-1],
+                "X",
+                color=color,
+                markeredgecolor="black",
+                ms=9,
+                label="end" if first else None,
+            )
+            ax.plot(
+                *path_k[0],
+                "o",
+                color="black",
+                markeredgecolor="white",
+                ms=7,
+                label="start" if first else None,
+            )
+        ax.set_xlim(cliff.w[0], cliff.w[-1])
+        ax.set_ylim(cliff.b[0], cliff.b[-1])
+        ax.set_xlabel("w (recurrent weight)")
+        ax.set_title(f"{title}, {DESCENT_STEPS} steps of rate {LEARNING_RATE:g}")
+        # Under the plane, not over it.
+        ax.legend(
+            loc="upper center",
+            bbox_to_anchor=(0.5, -0.13),
+            ncol=3,
+            facecolor="0.35",
+            labelcolor="white",
+            framealpha=0.9,
+            fontsize=8,
         )
-        ax.plot(
-            *unclipped[-1],
-            "X",
-            color="tab:red",
-            markeredgecolor="black",
-            markersize=8,
-            label="unclipped end" if first else None,
-        )
-        ax.plot(
-            *clipped[-1],
-            "X",
-            color="white",
-            markeredgecolor="black",
-            markersize=8,
-            label="clipped end" if first else None,
-        )
-        ax.plot(
-            *unclipped[0],
-            "o",
-            color="black",
-            markeredgecolor="white",
-            markersize=7,
-            label="start" if first else None,
-        )
-    ax.set_xlim(cliff.w[0], cliff.w[-1])
-    ax.set_ylim(cliff.b[0], cliff.b[-1])
-    ax.set_xlabel("w (recurrent weight)")
-    ax.set_ylabel("b (bias)")
-    ax.set_title(r"Loss cliff of $x_t = w\,\sigma(x_{t-1}) + b$, 50 steps (Pascanu et al. 2013)")
-    ax.legend(loc="upper left", facecolor="0.35", labelcolor="white", framealpha=0.9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    axes[0].set_ylabel("b (bias)")
+    fig.suptitle(
+        r"Loss cliff of $x_t = w\,\sigma(x_{t-1}) + b$, 50 steps (Pascanu et al. 2013, Fig. 6)"
+    )
+    fig.colorbar(mesh, ax=list(axes), label=r"loss $(\sigma(x_{50}) - 0.7)^2$ (log scale)")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 

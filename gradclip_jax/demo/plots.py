@@ -19,6 +19,9 @@ from gradclip_jax.demo.report import moving_average, smoothing_window  # noqa: E
 from gradclip_jax.demo.tasks import get_task  # noqa: E402
 from gradclip_jax.demo.train import STRATEGY_SPECS, DemoConfig, TrainingRun  # noqa: E402
 
+LINE_STYLES = ("-", "--", "-.", ":")
+MARKERS = ("o", "s", "^", "v", "D", "P", "X", "*", "<", ">")
+
 
 def _grid(count: int, title: str) -> tuple[Any, list[Any]]:
     columns = min(3, count)
@@ -32,8 +35,24 @@ def _grid(count: int, title: str) -> tuple[Any, list[Any]]:
     return fig, list(axes.flat[:count])
 
 
-def _save(fig: Any, path: pathlib.Path) -> None:
-    fig.tight_layout()
+def _save(fig: Any, path: pathlib.Path, legend_from: Sequence[Any] = ()) -> None:
+    """Saves ``fig`` with one legend for the entries of the axes ``legend_from``, placed where
+    it covers no data: in an empty slot of the grid if there is one, else under the panels."""
+    handles: dict[str, Any] = {}
+    for ax in legend_from:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    spare = [ax for ax in fig.axes if not ax.get_visible()]
+    if not handles:
+        fig.tight_layout()
+    elif spare:
+        spare[0].set_visible(True)
+        spare[0].axis("off")
+        spare[0].legend(list(handles.values()), list(handles), loc="center", fontsize=9)
+        fig.tight_layout()
+    else:
+        fig.tight_layout(rect=(0, 0.08, 1, 1))
+        fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=4, fontsize=8)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -59,6 +78,18 @@ def _median_over_seeds(values: np.ndarray) -> np.ndarray:
         return np.nanmedian(_finite(values), axis=0)
 
 
+def _title(run: TrainingRun, name: str, diverged_note: str) -> str:
+    """Panel title: the strategy, its divergences, and the earlier strategy it repeats exactly
+    (same losses at every step and seed), if any."""
+    diverged = int(np.sum(run.diverged_at[name] >= 0))
+    title = name + (f" ({diverged} {diverged_note})" if diverged else "")
+    losses = run.history[name]["loss"]
+    for other in run.names[: run.names.index(name)]:
+        if np.array_equal(run.history[other]["loss"], losses, equal_nan=True):
+            return f"{title}, identical to {other}"
+    return title
+
+
 def plot_losses(config: DemoConfig, run: TrainingRun, path: pathlib.Path) -> None:
     """Training loss (moving average) of every seed, one panel per strategy, log scale."""
     task = get_task(config.task)
@@ -77,13 +108,11 @@ def plot_losses(config: DemoConfig, run: TrainingRun, path: pathlib.Path) -> Non
                 ax.plot(diverged_at + 1, task.baseline_loss, "x", color=line.get_color(), ms=10)
         ax.axhline(task.baseline_loss, color="k", ls="--", lw=1, label="constant prediction")
         ax.axhline(task.success_loss, color="g", ls=":", lw=1.5, label="solved below")
-        diverged = int(np.sum(run.diverged_at[name] >= 0))
-        ax.set_title(name + (f" ({diverged} diverged at x)" if diverged else ""))
+        ax.set_title(_title(run, name, "diverged at x"), fontsize=10)
     # Diverging losses reach 1e30: show the range where learning happens.
     axes[0].set_ylim(task.success_loss / 10, task.baseline_loss * 30)
     _label_outer(axes, f"{task.name} loss")
-    axes[0].legend(fontsize=7, loc="lower left")
-    _save(fig, path)
+    _save(fig, path, legend_from=axes[:1])
 
 
 def plot_grad_norms(config: DemoConfig, run: TrainingRun, path: pathlib.Path) -> None:
@@ -121,14 +150,12 @@ def plot_grad_norms(config: DemoConfig, run: TrainingRun, path: pathlib.Path) ->
                 _median_over_seeds(history[stat]),
                 color="k",
                 lw=1.2,
-                ls="--",
+                ls="--" if key == "threshold" else ":",
                 label=f"{label} (median)",
             )
-        diverged = int(np.sum(run.diverged_at[name] >= 0))
-        ax.set_title(name + (f" ({diverged} diverged)" if diverged else ""))
-        ax.legend(fontsize=7, loc="upper right")
+        ax.set_title(_title(run, name, "diverged"), fontsize=10)
     _label_outer(axes, "global gradient norm")
-    _save(fig, path)
+    _save(fig, path, legend_from=axes)
 
 
 def plot_hidden_gradients(
@@ -154,13 +181,32 @@ def plot_hidden_gradients(
     for layer, ax in enumerate(axes[0]):
         ax.set_yscale("log")
         ax.plot(steps, np.median(_finite(initial[:, layer]), axis=0), "k--", lw=2, label="at init")
-        for name, norms in final.items():
+        drawn: dict[str, np.ndarray] = {}
+        for i, (name, norms) in enumerate(final.items()):
             kept = _finite(norms[~diverged[name], layer])
             label = f"after: {name}"
             if diverged[name].any():
                 label += f" ({int(diverged[name].sum())} diverged, left out)"
             curve = np.median(kept, axis=0) if len(kept) else np.full(config.length, np.nan)
-            ax.plot(steps, curve, lw=1.2, label=label)
+            same = [
+                other
+                for other, seen in drawn.items()
+                if np.allclose(seen, curve, rtol=1e-6, equal_nan=True)
+            ]
+            if same and not np.all(np.isnan(curve)):
+                label += f" (identical to {same[0]})"
+            drawn[name] = curve
+            # Line styles cycle with the colours, and markers set apart curves that coincide.
+            ax.plot(
+                steps,
+                curve,
+                lw=1.2,
+                ls=LINE_STYLES[i % len(LINE_STYLES)],
+                marker=MARKERS[i % len(MARKERS)],
+                markevery=max(1, config.length // 8) + i,
+                ms=4,
+                label=label,
+            )
         ax.set_xlabel("time step t (the loss reads the last step)")
         ax.set_ylabel("||dL/dh_t||")
         ax.set_title(f"layer {layer + 1} of {depth}")
