@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
-import time
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -191,60 +190,6 @@ def sequential_sweep(
     train = jax.jit(make_trainer(config, **trainer_kwargs))
     runs = [train(jnp.asarray(t)) for t in thresholds]
     return _result(thresholds, [r[0] for r in runs], [r[1] for r in runs])
-
-
-def time_sweep(
-    thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
-    config: SweepConfig = SweepConfig(),
-    repeats: int = 3,
-) -> dict[str, Any]:
-    """Measures the vmapped sweep against K sequential runs on this machine.
-
-    Compilation (``jit(...).lower(...).compile()``) is timed apart from running. Running
-    is timed after compilation with ``block_until_ready``, as the best of ``repeats``
-    (the vmapped program once, or all K sequential runs, per repeat), which damps the
-    noise of a shared machine.
-
-    Args:
-      thresholds: the K thresholds.
-      config: the shared model, task and training settings.
-      repeats: timed repetitions of each variant.
-
-    Returns:
-      ``vmapped_compile_s``, ``vmapped_run_s``, ``sequential_compile_s``,
-      ``sequential_run_s`` (all K runs), ``speedup`` (sequential / vmapped run time),
-      ``thresholds`` (K), ``steps`` and the JAX ``backend``.
-    """
-    trainer = make_trainer(config)
-    values = jnp.asarray(thresholds, jnp.float32)
-
-    def best_of(run: Callable[[], Any]) -> float:
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            run()
-            times.append(time.perf_counter() - start)
-        return min(times)
-
-    start = time.perf_counter()
-    vmapped = jax.jit(jax.vmap(trainer)).lower(values).compile()
-    vmapped_compile = time.perf_counter() - start
-    vmapped_run = best_of(lambda: jax.block_until_ready(vmapped(values)))
-
-    start = time.perf_counter()
-    single = jax.jit(trainer).lower(values[0]).compile()
-    sequential_compile = time.perf_counter() - start
-    sequential_run = best_of(lambda: [jax.block_until_ready(single(v)) for v in values])
-    return {
-        "vmapped_compile_s": vmapped_compile,
-        "vmapped_run_s": vmapped_run,
-        "sequential_compile_s": sequential_compile,
-        "sequential_run_s": sequential_run,
-        "speedup": sequential_run / vmapped_run,
-        "thresholds": len(thresholds),
-        "steps": config.steps,
-        "backend": jax.default_backend(),
-    }
 
 
 def plot_sweep(
