@@ -111,10 +111,10 @@ def test_divergence_is_detected_masked_and_reported(demo_output):
     assert rows["none"]["final_loss_median"] == float("inf")
     assert rows["none"]["per_seed"]["diverged_at_step"] == list(history["none/diverged_at"])
     assert np.all(history["global_norm/diverged_at"] < 0) and rows["global_norm"]["diverged"] == 0
-    # adaptive_clip does not clip in its 25 warm-up steps (threshold inf in its state, which is
-    # no divergence): it diverges where no clipping does.
-    np.testing.assert_array_equal(history["adaptive_clip/diverged_at"], history["none/diverged_at"])
-    assert "threshold inf" in rows["adaptive_clip"]["per_seed"]["reason"][0]
+    # adaptive_clip's cold start clips the first explosive steps (threshold 1, then 4 x the
+    # smallest clipped norm), so it survives where no clipping diverges at step 1.
+    assert np.all(history["adaptive_clip/diverged_at"] < 0)
+    assert rows["adaptive_clip"]["diverged"] == 0
     # Diverged seeds are frozen at their last finite parameters.
     for name in EVERY_STRATEGY:
         norms = [leaf["param_norm"] for leaf in results["gradient_health"][name]]
