@@ -187,9 +187,11 @@ def _clip_global(fn, rule, state, leaves, ctx):
 def _clip_element(fn, rule, state, leaves, ctx):
     largest = tree_norm(leaves, math.inf, ctx.axis_name)
     threshold, new_state = run_rule(fn, rule, state, largest, largest)
+    # The bound must not wait for the measurement: with a constant it is a constant, and
+    # the clamp runs without reading the norm (NaN, from a rule fed NaN, bounds nothing).
+    out = [clamp_leaf(x, jnp.where(jnp.isnan(threshold), jnp.inf, threshold)) for x in leaves]
     finite = jnp.isfinite(largest)
     threshold = _sanitized(threshold, finite)
-    out = [clamp_leaf(x, threshold) for x in leaves]
     after = jnp.minimum(largest, threshold.astype(largest.dtype))
     measured = Measured(largest, threshold, after, largest > threshold)
     return out, _absorbed(state, new_state, finite), measured
