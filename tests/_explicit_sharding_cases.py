@@ -26,6 +26,7 @@ import jax
 import numpy as np
 import optax
 import pytest
+from _trees import assert_trees_close
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -33,7 +34,6 @@ import gradclip_jax as gc
 from gradclip_jax import rules
 
 DEVICES = 8
-RTOL = 1e-6
 # Leaf shapes (every split dimension divides by 8) and layouts on the 1-D mesh "d".
 # "large" is above the norms' small-leaf size, so it is reduced alone; the others are
 # small, so the norms would like to group them.
@@ -113,24 +113,6 @@ def _run(tx: optax.GradientTransformation, params: Any, steps: list[Any]):
     return outputs, state
 
 
-def _assert_close(actual: Any, expected: Any, what: str) -> None:
-    a_leaves, a_def = jax.tree.flatten(actual)
-    e_leaves, e_def = jax.tree.flatten(expected)
-    assert a_def == e_def, f"{what}: structures differ: {a_def} vs {e_def}"
-    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(expected)[0]]
-    for path, a, e in zip(paths, a_leaves, e_leaves):
-        a, e = np.asarray(a), np.asarray(e)
-        if a.dtype.kind in "fc":
-            # Sums in another order: ~1e-7 relative on each value, and values much
-            # smaller than their neighbours inherit it absolutely.
-            atol = RTOL * float(np.abs(e[np.isfinite(e)]).max(initial=0))
-            np.testing.assert_allclose(
-                a, e, rtol=RTOL, atol=atol, equal_nan=True, err_msg=f"{what}{path}"
-            )
-        else:
-            np.testing.assert_array_equal(a, e, err_msg=f"{what}{path}")
-
-
 @pytest.fixture(scope="module", params=list(MESHES))
 def mesh(request):
     assert jax.device_count() == DEVICES, "run with --xla_force_host_platform_device_count=8"
@@ -177,8 +159,8 @@ def test_matches_single_device_and_keeps_shardings(mesh, name):
     for step, ((updates, stats), (expected_updates, expected_stats)) in enumerate(
         zip(actual, expected)
     ):
-        _assert_close(updates, expected_updates, f"step {step} updates")
-        _assert_close(stats, expected_stats, f"step {step} stats")
+        assert_trees_close(updates, expected_updates, f"step {step} updates")
+        assert_trees_close(stats, expected_stats, f"step {step} stats")
         # An update has no batch axis: with the batch split there is no layout to keep.
         for key, leaf in ({} if name in BATCH_SPLIT else updates).items():
             kept = leaf.sharding.is_equivalent_to(shardings[key], leaf.ndim)
@@ -186,4 +168,4 @@ def test_matches_single_device_and_keeps_shardings(mesh, name):
                 f"step {step}: update {key!r} has sharding {leaf.sharding.spec}; "
                 f"its parameter has {shardings[key].spec}"
             )
-    _assert_close(actual_state, expected_state, "final state ")
+    assert_trees_close(actual_state, expected_state, "final state ")

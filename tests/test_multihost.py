@@ -24,11 +24,11 @@ import _multihost_worker as worker
 import jax
 import numpy as np
 import pytest
+from _trees import assert_trees_close
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = Path(__file__).resolve().parent / "_multihost_worker.py"
 DEADLINE = 300  # seconds for both processes, start to finish (30-60 s on 2 busy cores)
-RTOL = 1e-6
 CASES = sorted(worker.CASES) + [f"shard_map/{name}" for name in sorted(worker.SHARD_MAP_CASES)]
 
 
@@ -113,21 +113,6 @@ def reference() -> dict:
     return results
 
 
-def _assert_close(actual, expected, what: str) -> None:
-    a_leaves, a_def = jax.tree.flatten(actual)
-    e_leaves, e_def = jax.tree.flatten(expected)
-    assert a_def == e_def, f"{what}: structures differ: {a_def} vs {e_def}"
-    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(expected)[0]]
-    for path, a, e in zip(paths, a_leaves, e_leaves):
-        if a.dtype.kind in "fc":
-            atol = RTOL * float(np.abs(e[np.isfinite(e)]).max(initial=0))
-            np.testing.assert_allclose(
-                a, e, rtol=RTOL, atol=atol, equal_nan=True, err_msg=f"{what}{path}"
-            )
-        else:
-            np.testing.assert_array_equal(a, e, err_msg=f"{what}{path}")
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("case", CASES)
 def test_two_processes_match_one_device(processes, reference, case):
@@ -142,9 +127,9 @@ def test_two_processes_match_one_device(processes, reference, case):
             np.testing.assert_array_equal(a[key], b[key], err_msg=f"step {step} stats {key}")
     expected = reference[case]
     for step, (updates, stats) in enumerate(zip(first["updates"], first["stats"])):
-        _assert_close(updates, expected["updates"][step], f"step {step} updates")
-        _assert_close(stats, expected["stats"][step], f"step {step} stats")
-    _assert_close(first["params"], expected["params"], "final parameters")
+        assert_trees_close(updates, expected["updates"][step], f"step {step} updates")
+        assert_trees_close(stats, expected["stats"][step], f"step {step} stats")
+    assert_trees_close(first["params"], expected["params"], "final parameters")
 
 
 @pytest.mark.slow

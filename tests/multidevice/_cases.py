@@ -18,13 +18,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from _trees import assert_trees_close
 from jax import lax
 
 import gradclip_jax as gc
 from gradclip_jax import rules
 
 DEVICES = 8
-RTOL = 1e-6
 # Gradient scales of the steps: ordinary steps, one with a NaN entry, then a spike.
 SCALES = (1.0, 1.3, 0.8, 1.1, 40.0)
 NAN_STEP = 3
@@ -160,26 +160,6 @@ def run_together(makers: Makers, build: Callable[[Makers], Callable], run, *args
     return Outcomes(run(build(good)) if good else {}, errors)
 
 
-def assert_close(actual: Any, expected: Any, what: str = "") -> None:
-    """Equal tree structures and leaves equal to ``RTOL`` (NaN where expected)."""
-    a_leaves, a_def = jax.tree.flatten(actual)
-    e_leaves, e_def = jax.tree.flatten(expected)
-    assert a_def == e_def, f"{what}: structures differ: {a_def} vs {e_def}"
-    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(expected)[0]]
-    for path, a, e in zip(paths, a_leaves, e_leaves):
-        a, e = np.asarray(a), np.asarray(e)
-        if a.dtype.kind in "fc":
-            # Sums in another order: ~1e-7 relative error on each value, and entries
-            # much smaller than their neighbours (Adam updates) inherit it absolutely.
-            finite = np.abs(e[np.isfinite(e)])
-            atol = RTOL * float(finite.max(initial=0))
-            np.testing.assert_allclose(
-                a, e, rtol=RTOL, atol=atol, equal_nan=True, err_msg=f"{what}{path}"
-            )
-        else:
-            np.testing.assert_array_equal(a, e, err_msg=f"{what}{path}")
-
-
 def assert_devices_agree(stacked: Any, expected: Any, what: str, split_axis: int = 0) -> None:
     """Per-device results (leading device axis) against the single-device ones.
 
@@ -192,11 +172,11 @@ def assert_devices_agree(stacked: Any, expected: Any, what: str, split_axis: int
         per_device = np.asarray(per_device)
         if per_device.shape[1:] == np.shape(full):
             for device in range(DEVICES):
-                assert_close(per_device[device], full, f"{what} (device {device})")
+                assert_trees_close(per_device[device], full, f"{what} (device {device})")
             return per_device[0]
         return np.concatenate(list(per_device), axis=split_axis)
 
-    assert_close(jax.tree.map(whole, stacked, expected), expected, what)
+    assert_trees_close(jax.tree.map(whole, stacked, expected), expected, what)
 
 
 def device_leading(tree: Any) -> Any:

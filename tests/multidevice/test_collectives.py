@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 from _cases import (
     DEVICES,
-    RTOL,
     WITH_AXIS_NAME,
     Outcomes,
     assert_devices_agree,
@@ -27,6 +26,7 @@ from _cases import (
     scatter,
     tree_of,
 )
+from _trees import RTOL
 from jax import lax
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P

@@ -8,7 +8,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from _cases import DEVICES, Makers, assert_close, scan_all
+from _cases import DEVICES, Makers, assert_trees_close, scan_all
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -56,7 +56,7 @@ def test_dp_aggregate_on_a_split_batch_equals_the_whole_batch(per_example_steps,
     run = scan_all({mode: _aggregators(AXIS)[mode]})
     program = jax.shard_map(lambda g: run(g, None), mesh=mesh, in_specs=batch_split, out_specs=P())
     sharded = jax.device_put(grads, NamedSharding(mesh, batch_split))
-    assert_close(jax.jit(program)(sharded)[mode], expected)
+    assert_trees_close(jax.jit(program)(sharded)[mode], expected)
 
 
 def test_data_parallel_example_patterns_agree(capsys):

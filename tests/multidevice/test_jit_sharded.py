@@ -18,7 +18,7 @@ from _cases import (
     LARGE,
     SHAPES,
     Outcomes,
-    assert_close,
+    assert_trees_close,
     clippers,
     large_all_gathers,
     run_together,
@@ -68,8 +68,8 @@ def test_matches_one_device_and_keeps_shardings(sharded, reference: Outcomes, cl
     outcomes, step_shardings, _ = sharded
     updates, state = outcomes[clipper]
     expected_updates, expected_state = reference[clipper]
-    assert_close(updates, expected_updates, "updates ")
-    assert_close(state, expected_state, "final state ")
+    assert_trees_close(updates, expected_updates, "updates ")
+    assert_trees_close(state, expected_state, "final state ")
     for key, leaf in updates.items():
         assert leaf.sharding.is_equivalent_to(step_shardings[key], leaf.ndim), (
             f"update {key!r} has sharding {leaf.sharding.spec}; its gradient had "
