@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from functools import partial
 from typing import Any, NamedTuple
 
 import jax
@@ -31,9 +32,13 @@ from gradclip_jax._norms import (
     accumulation_dtype,
     block_norms,
     norm_of_norms,
+    norm_of_parts,
+    pair_scale,
+    power_sums,
     stack_scalars,
     tree_norm,
-    unit_norm_list,
+    tree_norm_pair,
+    unit_axes,
     wide_dtype,
 )
 from gradclip_jax._stats import ClipStats, NamedStats, check_name
@@ -78,19 +83,30 @@ def clip_scale(norm: jax.Array, threshold: Any) -> jax.Array:
     return jnp.where(over, threshold / jnp.where(over, norm, 1), 1)
 
 
-def scale_leaf(x: jax.Array, scale: jax.Array) -> jax.Array:
-    """``x * scale`` in the accumulation precision, back in ``x``'s dtype: one multiply
-    per element; half-precision and float8 leaves do not underflow on tiny scales."""
-    return (x.astype(wide_dtype(x.dtype)) * scale.astype(accumulation_dtype(x.dtype))).astype(
-        x.dtype
-    )
+def scale_leaf(x: jax.Array, scale: jax.Array, inverse: Any = None) -> jax.Array:
+    """``x * scale`` (``x * inverse * scale`` for a norm given as a :func:`pair_scale`
+    pair) in the accumulation precision, back in ``x``'s dtype; half-precision and
+    float8 leaves do not underflow on tiny scales."""
+    acc = accumulation_dtype(x.dtype)
+    wide = x.astype(wide_dtype(x.dtype))
+    if inverse is not None:
+        wide = wide * inverse.astype(acc)
+    return (wide * scale.astype(acc)).astype(x.dtype)
 
 
 def clamp_leaf(x: jax.Array, bound: jax.Array) -> jax.Array:
     """Every entry of ``x`` bounded by ``bound`` in magnitude; complex entries keep
     their phase."""
     if jnp.iscomplexobj(x):
-        return scale_leaf(x, clip_scale(jnp.abs(x).astype(accumulation_dtype(x.dtype)), bound))
+        # |x| of finite parts may exceed the dtype's range (|3e38 + 3e38j| in complex64):
+        # x * bound / |x| is then formed from x * 2^-64 (exact), so that neither |x|
+        # nor the scale leaves the range of normal numbers.
+        acc = accumulation_dtype(x.dtype)
+        wide = x.astype(wide_dtype(x.dtype))
+        beyond = jnp.isinf(jnp.abs(wide)) & jnp.isfinite(wide)
+        inverse = jnp.where(beyond, 2.0**-64, 1).astype(acc)
+        mantissa = jnp.abs(wide * inverse).astype(acc)
+        return scale_leaf(x, pair_scale(mantissa, inverse, bound), inverse)
     wide = x.astype(wide_dtype(x.dtype))
     bound = bound.astype(wide.dtype)
     return jnp.clip(wide, -bound, bound).astype(x.dtype)
@@ -171,17 +187,15 @@ def _sanitized(threshold: jax.Array, finite: jax.Array) -> jax.Array:
 
 
 def _clip_global(fn, rule, state, leaves, ctx):
-    norm = tree_norm(leaves, ctx.ord, ctx.axis_name)
+    mantissa, inverse = tree_norm_pair(leaves, ctx.ord, ctx.axis_name)
+    norm = mantissa / inverse
     threshold, new_state = run_rule(fn, rule, state, norm, norm)
     finite = jnp.isfinite(norm)
     threshold = _sanitized(threshold, finite)
-    scale = clip_scale(norm, threshold)
-    out = [scale_leaf(x, scale) for x in leaves]
-    return (
-        out,
-        _absorbed(state, new_state, finite),
-        Measured(norm, threshold, norm * scale, scale < 1),
-    )
+    scale = pair_scale(mantissa, inverse, threshold)
+    out = [scale_leaf(x, scale, inverse) for x in leaves]
+    measured = Measured(norm, threshold, mantissa * scale, inverse * scale < 1)
+    return out, _absorbed(state, new_state, finite), measured
 
 
 def _clip_element(fn, rule, state, leaves, ctx):
@@ -245,49 +259,97 @@ def check_state_rows(fn: str, state: Any, leaves: int) -> None:
         )
 
 
+def _leaf_scalers(leaves, ctx):
+    """Per leaf a function ``limit -> (scale, inverse)``, and ``(mantissa, inverse)``
+    of every leaf as two vectors.
+
+    A leaf's scale is computed from its own sums and feeds only its own multiply;
+    statistics and rules read the vectors, so a leaf costs its reduction, one scalar
+    kernel and its multiply.
+    """
+    if ctx.ord == math.inf:
+        norms = block_norms(leaves, math.inf, ctx.axis_name)
+        scalers = [partial(_plain_scale, n) for n in norms]
+        vector = stack_scalars(norms)
+        return scalers, (vector, jnp.ones_like(vector))
+    sums = power_sums(leaves, ctx.ord, axis_name=ctx.axis_name)
+    scalers = [partial(sums.scale, r, f, ctx.ord) for r, f in zip(sums.raw, sums.rescued)]
+    if len({r.dtype for r in sums.raw}) > 1:  # rescaled by different powers of two
+        pairs = sums.pairs(ctx.ord)
+        wide = jnp.result_type(*(m for m, _ in pairs))
+        return scalers, tuple(stack_scalars([p[k].astype(wide) for p in pairs]) for k in (0, 1))
+    raw = stack_scalars(sums.raw) if sums.raw_flat is None else sums.raw_flat
+    rescued = stack_scalars(sums.rescued) if sums.rescued_flat is None else sums.rescued_flat
+    return scalers, sums.pair(raw, rescued, ctx.ord)
+
+
+def _plain_scale(norm, limit):
+    return clip_scale(norm, limit), jnp.ones((), norm.dtype)
+
+
 def _clip_leaves(fn, rule, state, leaves, ctx):
-    norm_list = block_norms(leaves, ctx.ord, ctx.axis_name)
-    norms = stack_scalars(norm_list)
+    scalers, (mantissas, inverses) = _leaf_scalers(leaves, ctx)
+    norms = mantissas / inverses
     total = norm_of_norms(norms, ctx.ord)
     finite = jnp.isfinite(total)
     thresholds, new_state = _leaf_thresholds(fn, rule, state, norms, total, ctx)
     thresholds = _sanitized(thresholds, finite)
     sizes = np.array([x.size * ctx.devices for x in leaves], np.float32)
     limits = thresholds * np.sqrt(sizes) if ctx.per_size else thresholds
-    scales = clip_scale(norms, limits)
+    scales = pair_scale(mantissas, inverses, limits)
     if thresholds.ndim:  # one threshold per leaf: each leaf reads its own entry
-        per_leaf = _entries(scales)
-    else:  # one threshold: each leaf's scale fuses with its own norm and multiply
+        per_leaf = [scaler(limit) for scaler, limit in zip(scalers, _entries(limits))]
+    else:  # one threshold: each leaf's scale from its own sums, fused per leaf
         per_leaf = [
-            clip_scale(n, thresholds * math.sqrt(s) if ctx.per_size else thresholds)
-            for n, s in zip(norm_list, sizes)
+            scaler(thresholds * math.sqrt(s) if ctx.per_size else thresholds)
+            for scaler, s in zip(scalers, sizes)
         ]
-    out = [scale_leaf(x, s) for x, s in zip(leaves, per_leaf)]
-    after = norm_of_norms(norms * scales, ctx.ord)
-    measured = Measured(total, jnp.max(thresholds), after, jnp.mean(scales < 1))
+    out = [scale_leaf(x, s, i) for x, (s, i) in zip(leaves, per_leaf)]
+    after = norm_of_norms(mantissas * scales, ctx.ord)
+    clipped = jnp.mean(inverses * scales < 1)
+    measured = Measured(total, jnp.max(thresholds), after, clipped)
     return out, _absorbed(state, new_state, finite), measured
 
 
 def _clip_units(fn, rule, state, leaves, ctx):
     if jax.tree.leaves(state):
         raise ValueError(f"{fn}: granularity='unit' takes a stateless rule (a constant).")
-    units = unit_norm_list(leaves, ctx.axis)
-    # Per leaf first, then across leaves: never a concatenation of differently sharded
-    # unit vectors.
-    leaf_norms = [norm_of_norms(u) for u in units]
-    total = norm_of_norms(stack_scalars(leaf_norms)) if leaves else jnp.zeros((), jnp.float32)
+    n = len(leaves)
+    axes = [unit_axes(x, ctx.axis) for x in leaves]
+    # The updates' and the parameters' unit sums, rescued together on overflow.
+    sums = power_sums(leaves + list(ctx.param_leaves), 2, axes + axes, keepdims=True)
+    grads = list(zip(sums.raw[:n], sums.rescued[:n]))
+    params = [sums.relative(r, f, ctx.eps) for r, f in zip(sums.raw[n:], sums.rescued[n:])]
+    parts = _unit_parts(sums, grads, params)
+    total = norm_of_parts([m / i for m, i, _, _ in parts]) if parts else jnp.zeros((), jnp.float32)
     threshold, _ = run_rule(fn, rule, state, total, total)
-    param_units = unit_norm_list(ctx.param_leaves, ctx.axis)
     scales = [
-        clip_scale(u, threshold.astype(p.dtype) * jnp.maximum(p, jnp.asarray(ctx.eps, p.dtype)))
-        for u, p in zip(units, param_units)
+        sums.scale(r, f, 2, threshold.astype(r.dtype), relative=p)
+        for (r, f), p in zip(grads, params)
     ]
-    out = [scale_leaf(x, s) for x, s in zip(leaves, scales)]
-    after = [norm_of_norms(u * s) for u, s in zip(units, scales)]
-    count = sum(jnp.sum(s < 1) for s in scales)
-    fraction = count / max(sum(s.size for s in scales), 1)
-    after = norm_of_norms(stack_scalars(after)) if leaves else total
-    return out, state, Measured(total, threshold, after, fraction)
+    out = [scale_leaf(x, s, i) for x, (s, i) in zip(leaves, scales)]
+    if not parts:
+        return out, state, Measured(total, threshold, total, jnp.zeros((), jnp.float32))
+    after, count, size = [], 0, 0
+    for m, _, (r, f), p in parts:
+        s, i = sums.scale(r, f, 2, threshold.astype(r.dtype), relative=p)
+        after.append(m * s)
+        count, size = count + jnp.sum(i * s < 1), size + s.size
+    return out, state, Measured(total, threshold, norm_of_parts(after), count / size)
+
+
+def _unit_parts(sums, grads, params):
+    """``(mantissa, inverse, (raw, rescued), parameters)`` of the units: all units as
+    one vector each, or per leaf when the leaves are sharded (never concatenated)."""
+    if not grads:
+        return []
+    mixed = len({r.dtype for r, _ in grads} | {p[0].dtype for p in params}) > 1
+    if sums.raw_flat is None or mixed:  # sharded, or rescaled by different powers of two
+        return [(*sums.pair(r, f, 2), (r, f), p) for (r, f), p in zip(grads, params)]
+    flat = [stack_scalars([g[k] for g in grads]) for k in (0, 1)]
+    p_flat = [stack_scalars([p[k] for p in params]) for k in (0, 1)]
+    relative = sums.relative(*p_flat, params[0][2])
+    return [(*sums.pair(*flat, 2), tuple(flat), relative)]
 
 
 _CLIP = {

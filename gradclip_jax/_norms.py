@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -177,12 +177,57 @@ def _root(total: jax.Array, power: float) -> jax.Array:
     return jnp.where(positive, jnp.sqrt(jnp.where(positive, total, 1)), total)
 
 
-def _power_sums(arrays, power, axes, keepdims, axis_name) -> list[jax.Array]:
-    """The ``power``-norms (1 or 2) of each array over its ``axes``, overflow-safe."""
+class Sums(NamedTuple):
+    """Per array, the sum of ``|x|^power`` over its axes, and how to read it safely.
+
+    ``raw`` is the plain sum (``inf`` when it overflows); ``rescued`` equals ``raw``
+    except on a step where some sum is not finite, when every sum is recomputed with
+    the values scaled by ``2^-k`` (``k`` per accumulation dtype). ``raw_flat`` and
+    ``rescued_flat`` are the same values as one vector each (``None`` when the arrays
+    are sharded over a mesh, which a concatenation would gather).
+    """
+
+    raw: list
+    rescued: list
+    raw_flat: Any
+    rescued_flat: Any
+    scales: dict  # accumulation dtype -> (2^k, 2^-k)
+
+    def pairs(self, power: float) -> list[tuple[jax.Array, jax.Array]]:
+        """:func:`norm_pair` of every array."""
+        return [self.pair(r, f, power) for r, f in zip(self.raw, self.rescued)]
+
+    def pair(self, raw: jax.Array, rescued: jax.Array, power: float):
+        return norm_pair(raw, rescued, power, self.scales[raw.dtype])
+
+    def scale(self, raw, rescued, power, limit, relative=None):
+        return sums_scale(raw, rescued, power, self.scales[raw.dtype], limit, relative)
+
+    def relative(self, raw, rescued, floor):
+        """``relative`` argument of :meth:`scale`: limits relative to this block."""
+        return raw, rescued, floor, self.scales[raw.dtype]
+
+
+def _flat(values: Sequence[jax.Array]) -> jax.Array | None:
+    """The values as one vector, or ``None`` where one is sharded over a mesh."""
+    if any(_on_mesh(v) for v in values):
+        return None
+    return stack_scalars(values)
+
+
+def _all_finite(values: Sequence[jax.Array], flat: jax.Array | None) -> jax.Array:
+    if flat is not None:
+        return jnp.isfinite(jnp.sum(flat))  # the sums are >= 0: finite iff all are
+    return jnp.all(stack_scalars([jnp.all(jnp.isfinite(v)) for v in values]))
+
+
+def power_sums(arrays, power, axes=None, keepdims=False, axis_name=None) -> Sums:
+    """The sums of ``|x|^power`` (1 or 2) of each array over its ``axes``, rescued on
+    overflow by one ``lax.cond`` that the common path does not pay for."""
+    axes = [None] * len(arrays) if axes is None else axes
     # One (factor, inverse) pair per accumulation dtype: each is an optimisation barrier,
     # and a barrier per leaf would split XLA's fusions (and its compile time) per leaf.
-    dtypes = {accumulation_dtype(x.dtype) for x in arrays}
-    scales = {dtype: _overflow_rescaling(dtype) for dtype in dtypes}
+    scales = {dtype: _overflow_rescaling(dtype) for dtype in _dtypes(arrays)}
 
     def sums(rescaled):
         partial = [
@@ -197,17 +242,92 @@ def _power_sums(arrays, power, axes, keepdims, axis_name) -> list[jax.Array]:
         ]
         return collective(partial, "sum", axis_name)
 
-    common = sums(False)
-    all_finite = jnp.all(stack_scalars([jnp.all(jnp.isfinite(s)) for s in common]))
-    fixed = lax.cond(all_finite, lambda s: s, lambda s: sums(True), common)
-    return [
-        jnp.where(
-            jnp.isfinite(s),
-            _root(s, power),
-            scales[s.dtype][0] * _root(f, power),
-        )
-        for s, f in zip(common, fixed)
-    ]
+    raw = sums(False)
+    raw_flat = _flat(raw)
+
+    def rescue(_):
+        rescued = sums(True)
+        return rescued, _flat(rescued)
+
+    rescued, rescued_flat = lax.cond(
+        _all_finite(raw, raw_flat), lambda raw: raw, rescue, (raw, raw_flat)
+    )
+    return Sums(raw, rescued, raw_flat, rescued_flat, scales)
+
+
+def _dtypes(arrays) -> list:
+    return sorted({accumulation_dtype(x.dtype) for x in arrays}, key=str)
+
+
+def norm_pair(raw, rescued, power, scale) -> tuple[jax.Array, jax.Array]:
+    """``(mantissa, inverse)`` with norm = ``mantissa / inverse``, from :class:`Sums`.
+
+    ``inverse`` is 1 unless the sum of finite values overflowed (a float32 L2 norm
+    above ~1.8e19); then it is ``2^-k`` and the mantissa is the norm of the values
+    scaled by it, so a clipping scale ``limit / norm`` is formed in two factors that
+    stay normal numbers, even for norms beyond the dtype's range (3.4e38).
+    ``inverse`` takes only comparisons (cheap for XLA to fuse into a multiply); the
+    mantissa takes one root.
+    """
+    factor, inverse = scale
+    finite = jnp.isfinite(raw)
+    beyond = ~finite & jnp.isfinite(rescued)
+    mantissa = _root(jnp.where(finite, raw, rescued), power) * jnp.where(
+        finite | beyond, jnp.ones((), raw.dtype), factor
+    )
+    return mantissa, jnp.where(beyond, inverse, jnp.ones((), raw.dtype))
+
+
+def pair_scale(mantissa: jax.Array, inverse: jax.Array, limit: Any) -> jax.Array:
+    """``s`` with ``x * inverse * s == x * min(1, limit / norm)``, norm = mantissa / inverse.
+
+    With ``inverse == 1`` this is ``min(1, limit / norm)`` without NaN (zero norms,
+    zero and infinite limits give finite scales with finite derivatives; a NaN norm
+    gives 1, an infinite one 0). A norm beyond the dtype's range always exceeds a
+    finite limit, and ``limit / mantissa`` stays a normal number.
+    """
+    limit = jnp.asarray(limit, mantissa.dtype)
+    beyond = inverse < 1
+    over = jnp.where(beyond, limit < jnp.inf, mantissa > limit)
+    return jnp.where(over, limit / jnp.where(over, mantissa, 1), 1 / inverse)
+
+
+def sums_scale(raw, rescued, power, scale, limit, relative=None) -> tuple[jax.Array, jax.Array]:
+    """``(s, inverse)`` of :func:`pair_scale` straight from the sums of one block.
+
+    The same numbers as :func:`norm_pair` then :func:`pair_scale` (to rounding: the
+    root and the division are one ``rsqrt``), written so that XLA computes the scale
+    in one small kernel and fuses ``inverse`` (comparisons only) into the multiply: a
+    per-leaf clipper then costs a reduction, this kernel and the multiply per leaf.
+    ``relative=(raw, rescued, floor, scale)`` of a second block (power 2) makes the
+    limit ``limit * max(its norm, floor)`` (AGC: relative to the parameters' norms).
+    """
+    factor, inverse = scale
+    limit = jnp.asarray(limit, raw.dtype)
+    finite = jnp.isfinite(raw)
+    beyond = ~finite & jnp.isfinite(rescued)
+    total = jnp.where(finite, raw, rescued)
+    # A zero norm reads as 1 and never clips (finite derivatives at zero).
+    zero = total == 0
+    total = jnp.where(zero, 1, total)
+    units = jnp.where(finite | beyond, jnp.ones((), raw.dtype), inverse)
+    if relative is not None:  # limit * max(parameter norm, floor) / norm
+        p_raw, p_rescued, floor, (p_factor, p_inverse) = relative
+        p_finite = jnp.isfinite(p_raw)
+        squares = jnp.where(p_finite, p_raw, p_rescued)
+        floor = jnp.asarray(floor, squares.dtype) * jnp.where(p_finite, 1, p_inverse)
+        units = units * jnp.where(p_finite, 1, p_factor)  # exact powers of two
+        ratio = limit * jnp.sqrt(jnp.maximum(squares, floor * floor) / total) * units
+    else:
+        ratio = limit * (lax.rsqrt(total) if power == 2 else 1 / total) * units
+    # Only `ratio` is computed with roots and divisions; everything after it is cheap.
+    over = ~zero & jnp.where(beyond, ratio < jnp.inf, ratio < 1)
+    inverse = jnp.where(beyond, inverse, jnp.ones((), raw.dtype))
+    return jnp.where(over, ratio, jnp.where(beyond, factor, 1)), inverse
+
+
+def _norms_from(sums: Sums, power: float) -> list[jax.Array]:
+    return [m / i for m, i in sums.pairs(power)]
 
 
 def block_norms(
@@ -236,8 +356,7 @@ def block_norms(
         if axes is not None:
             raise ValueError("block_norms: reduction axes need ord 1 or 2")
         return collective(maxima(arrays, _magnitude), "max", axis_name)
-    axes = [None] * len(arrays) if axes is None else axes
-    return _power_sums(arrays, ord, axes, keepdims, axis_name)
+    return _norms_from(power_sums(arrays, ord, axes, keepdims, axis_name), ord)
 
 
 def stack_scalars(values: Sequence[jax.Array]) -> jax.Array:
@@ -265,12 +384,41 @@ def norm_of_norms(norms: jax.Array, ord: float = 2, axis: int | None = None) -> 
     )
 
 
+def norm_of_parts(parts: Sequence[jax.Array]) -> jax.Array:
+    """The L2 norm of all entries of ``parts``: one vector when it can, else per part
+    first (parts sharded over a mesh are never concatenated)."""
+    if len(parts) == 1:
+        return norm_of_norms(jnp.ravel(parts[0]))
+    if any(_on_mesh(p) for p in parts):
+        return norm_of_norms(stack_scalars([norm_of_norms(p) for p in parts]))
+    return norm_of_norms(stack_scalars(parts))
+
+
+def tree_norm_pair(leaves: Sequence[jax.Array], ord: float, axis_name: Any = None):
+    """One norm over all the ``leaves`` as ``(mantissa, inverse)`` (see :func:`norm_pair`)."""
+    blocks = blocks_of(leaves)
+    if not blocks:
+        return jnp.zeros((), jnp.float32), jnp.ones((), jnp.float32)
+    if ord == math.inf:
+        norms = block_norms(blocks, ord, axis_name)
+        norm = norms[0] if len(norms) == 1 else norm_of_norms(stack_scalars(norms), ord)
+        return norm, jnp.ones((), norm.dtype)
+    pairs = power_sums(blocks, ord, axis_name=axis_name).pairs(ord)
+    if len(pairs) == 1:
+        return pairs[0]
+    wide = jnp.result_type(*(m for m, _ in pairs))
+    inverse = pairs[0][1].astype(wide)
+    for _, i in pairs[1:]:
+        inverse = jnp.minimum(inverse, i.astype(wide))
+    # Every part in the units of the smallest inverse (exact powers of two).
+    parts = [m.astype(wide) * (inverse / i.astype(wide)) for m, i in pairs]
+    return norm_of_norms(stack_scalars(parts), ord), inverse
+
+
 def tree_norm(leaves: Sequence[jax.Array], ord: float, axis_name: Any = None) -> jax.Array:
     """One norm over all the ``leaves``; 0 for none."""
-    norms = block_norms(blocks_of(leaves), ord, axis_name)
-    if not norms:
-        return jnp.zeros((), jnp.float32)
-    return norms[0] if len(norms) == 1 else norm_of_norms(stack_scalars(norms), ord)
+    mantissa, inverse = tree_norm_pair(leaves, ord, axis_name)
+    return mantissa / inverse
 
 
 def global_norm(tree: Any, ord: int | float = 2, *, axis_name: Any = None) -> jax.Array:
