@@ -59,7 +59,7 @@ def _meta(device: str, cfg: suite.Config, argv: list[str], quick: bool) -> dict[
         "machine": f"{platform.system()} {platform.machine()}",
         "versions": {"python": platform.python_version()} | {p: _version(p) for p in packages},
         "git_commit": _git("rev-parse", "HEAD"),
-        "git_dirty": bool(_git("status", "--porcelain", "gradclip_jax", "benchmarks")),
+        "git_dirty": bool(_git("status", "--porcelain", "gradclip_jax", "benchmarks/*.py")),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "mode": "quick" if quick else "full",
         "command": " ".join(["python -m benchmarks", *argv]),

@@ -83,7 +83,8 @@ def summary(results: dict[str, Any]) -> str:
 
 
 def _panel(ax: Any, name: str, fig: dict[str, Any]) -> None:
-    """Ratio per tree, one line per pair and metric; quartiles as error bars, targets as -."""
+    """Ratio per tree, a line per pair and metric (run -, compile --, memory :); quartiles as
+    error bars, targets as short bars."""
     ax.set_title(f"{name}: {fig['title']}", fontsize=8)
     rows = [r for r in fig["rows"] if r["ratio"] is not None]
     if fig["skipped"] or not rows:
@@ -98,7 +99,8 @@ def _panel(ax: Any, name: str, fig: dict[str, Any]) -> None:
         ys = [r["ratio"] for r in points]
         low = [r["ratio"] - (r["q1"] or r["ratio"]) for r in points]
         high = [(r["q3"] or r["ratio"]) - r["ratio"] for r in points]
-        line = ax.errorbar(xs, ys, yerr=[low, high], marker="o", ms=3, capsize=2, label=label)
+        style = {"run": "-", "compile": "--", "memory": ":"}[points[0]["metric"]]
+        line = ax.errorbar(xs, ys, [low, high], ls=style, marker="o", ms=3, capsize=2, label=label)
         marks = [(x, r["target"]) for x, r in zip(xs, points) if r["target"] is not None]
         if marks:
             ax.plot(*zip(*marks), "_", ms=14, mew=2, color=line[0].get_color())
