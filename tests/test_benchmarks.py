@@ -132,3 +132,18 @@ def test_rows_judge_the_ratio_against_the_target(suite):
         (small.name, 0.5, 0.9, "met"),
         (big.name, 2.0, 1.0, "missed"),
     ]
+
+
+@pytest.mark.slow
+def test_torch_side_times_the_plain_and_donated_paths(suite, monkeypatch):
+    """Without torch, a stand-in for clip_grad_norm_: our two paths are still exercised."""
+    torch_side = importlib.import_module("benchmarks.torch_side")
+    monkeypatch.setattr(torch_side, "_torch_call", lambda host: lambda: None)
+    tree = suite.QUICK.trees[0]
+    measured = {tree.name: torch_side.measure_tree(tree, suite.QUICK)}
+    rows = suite.figure_rows(suite.FIGURES["torch"][1], (tree,), measured)
+    assert [(r["ours"], r["ref"]) for r in rows] == [
+        (suite.CLIP, suite.TORCH),
+        (suite.DONATED, suite.TORCH),
+    ]
+    assert all(r["ours_value"] > 0 and r["ratio"] > 0 for r in rows)
