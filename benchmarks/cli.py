@@ -42,10 +42,7 @@ def _git(*args: str) -> str | None:
 
 
 def _version(package: str) -> str | None:
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return None
+    return next((d.version for d in metadata.distributions(name=package)), None)
 
 
 def _meta(device: str, cfg: suite.Config, argv: list[str], quick: bool) -> dict[str, Any]:

@@ -22,9 +22,7 @@ def rotated(names: list[str], round_: int) -> list[str]:
     return names[k:] + names[:k]
 
 
-def compile_interleaved(
-    makers: dict[str, Maker], rounds: int
-) -> tuple[dict[str, Any], dict[str, list[float]]]:
+def compile_interleaved(makers: dict[str, Maker], rounds: int) -> tuple[dict, dict]:
     """Times ``jax.jit(fn).lower(*abstract_args).compile()``, ``rounds`` times, rotating.
 
     Each ``maker()`` builds a fresh function (and transformation) and its abstract
@@ -50,9 +48,7 @@ def _sample(call: Callable[[], Any], n: int) -> float:
     return (time.perf_counter() - start) / n
 
 
-def time_interleaved(
-    calls: dict[str, Callable[[], Any]], rounds: int, min_sample_s: float
-) -> tuple[dict[str, list[float]], dict[str, int]]:
+def time_interleaved(calls: dict[str, Callable], rounds: int, min_sample_s: float) -> tuple:
     """Seconds per call of each function, one sample per round, and the calls per sample.
 
     A warm-up call of each is excluded. Every round runs each function once, in an

@@ -37,18 +37,16 @@ def _header(meta: dict[str, Any]) -> list[str]:
         f"- commit {(meta['git_commit'] or 'unknown')[:10]}{dirty}, {meta['date']}, "
         f"{meta['wall_s']:.0f} s",
         f"- command: `{meta['command']}`\n",
-        "Each ratio is ours / reference: the median of the per-round ratios, with their "
-        f"quartiles (run time: {cfg['rounds']} interleaved rounds, samples of at least "
-        f"{cfg['min_sample_s'] * 1e3:g} ms; compile: {cfg['compile_rounds']} fresh compiles, "
-        "one when over 5 s). Memory: XLA's temp + output + argument bytes of one update. "
-        "A row is met when its ratio is at most its target.",
+        f"Ratios: ours / reference, the median and quartiles of {cfg['rounds']} interleaved "
+        f"run-time rounds or {cfg['compile_rounds']} fresh compiles; memory: XLA's temp + "
+        "output + argument bytes. Met: ratio <= target. Method: `benchmarks/README.md`.",
     ]
 
 
 def _table(rows: list[dict[str, Any]]) -> list[str]:
     lines = [
-        "| metric | tree | ours | reference | ours | reference | ratio | quartiles | target "
-        "| status |",
+        "| metric | tree | ours | reference | ours value | reference value | ratio | quartiles "
+        "| target | status |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
