@@ -1,4 +1,4 @@
-"""``python -m benchmarks``: runs every comparison and writes the results."""
+"""``python -m benchmarks``."""
 
 from benchmarks.cli import main
 

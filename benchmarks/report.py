@@ -1,206 +1,131 @@
-"""The markdown report: environment, goals (met / missed and why), one table per figure."""
+"""The markdown report (a header, then one table per figure) and the one-image plot."""
 
 from __future__ import annotations
 
-import importlib.util
+from collections import Counter
+from pathlib import Path
 from typing import Any
 
-from benchmarks._names import label
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import FuncFormatter  # noqa: E402
+
+UNITS = {"run": (1e3, "ms"), "compile": (1.0, "s"), "memory": (1e-6, "MB")}
 
 
-def _num(value: Any, digits: int = 3) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.{digits}g}"
-    return f"{value:,}" if isinstance(value, int) else str(value)
+def _num(value: float | None, scale: float = 1.0, unit: str = "") -> str:
+    return "-" if value is None else f"{value * scale:.3g}{' ' + unit if unit else ''}"
 
 
-def _ms(seconds: float | None) -> str:
-    return "-" if seconds is None else f"{seconds * 1e3:.3g}"
+def _counts(rows: list[dict[str, Any]]) -> str:
+    counts = Counter(r["status"] for r in rows)
+    statuses = ("met", "missed", "not measured", "no target")
+    return ", ".join(f"{s} {counts[s]}" for s in statuses if counts[s])
 
 
-def _mb(nbytes: float | None) -> str:
-    return "-" if nbytes is None else f"{nbytes / 1e6:.3g}"
-
-
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(cell.replace("|", "/") for cell in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def goals_table(goals: list[dict[str, Any]]) -> str:
-    rows = [
-        [g["goal"], g["where"], _num(g["value"]), g["target"], f"**{g['status']}**"] for g in goals
+def _header(meta: dict[str, Any]) -> list[str]:
+    versions = ", ".join(f"{k} {v}" for k, v in meta["versions"].items() if v)
+    dirty = " (with uncommitted changes)" if meta["git_dirty"] else ""
+    cfg = meta["config"]
+    return [
+        f"# gradclip_jax benchmarks: {meta['device']} ({meta['mode']} run)\n",
+        f"- machine: {meta['device_kind']} ({meta['platform']}), {meta['cpu_count']} CPUs, "
+        f"{meta['machine']}",
+        f"- versions: {versions}",
+        f"- commit {(meta['git_commit'] or 'unknown')[:10]}{dirty}, {meta['date']}, "
+        f"{meta['wall_s']:.0f} s",
+        f"- command: `{meta['command']}`\n",
+        f"Ratios: ours / reference, the median and quartiles of {cfg['rounds']} interleaved "
+        f"run-time rounds or {cfg['compile_rounds']} fresh compiles; memory: XLA's temp + "
+        "output + argument bytes. Met: ratio <= target. Method: `benchmarks/README.md`.",
     ]
-    return _table(["goal", "where", "measured", "target", "status"], rows)
 
 
-def _diagnoses(goals: list[dict[str, Any]]) -> str:
-    lines = [f"- **{g['id']}** ({g['status']}): {g['diagnosis']}" for g in goals if g["diagnosis"]]
-    return "\n".join(lines) or "All goals met."
-
-
-def _env_line(env: dict[str, Any] | None) -> str:
-    if not env:
-        return "(no environment recorded)"
-    return (
-        f"{env['device_kind']} ({env['platform']}), {env['cpu_count']} CPUs, "
-        f"python {env['python']}, jax {env['jax']}, jaxlib {env['jaxlib']}, "
-        f"optax {env['optax']}, numpy {env['numpy']}, gradclip_jax {env['gradclip_jax']}"
-    )
-
-
-def _git_line(meta: dict[str, Any]) -> str:
-    git = meta.get("git")
-    if not git:
-        return "commit unknown"
-    dirty = " with uncommitted library changes" if git["library_dirty"] else ""
-    return f"commit {git['commit'][:10]}{dirty}"
-
-
-def _compile(fig: dict[str, Any]) -> str:
-    rows = [
-        [
-            _num(r["n_leaves"]),
-            label(r["clipper"]),
-            _num(r.get("lower_s")),
-            _num(r.get("compile_s")),
-            _num(r.get("total_s")),
-            _num(r.get("ratio_to_optax_global")),
-            r["skipped"] or "",
-        ]
-        for r in fig["rows"]
+def _table(rows: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        "| metric | tree | ours | reference | ours value | reference value | ratio | quartiles "
+        "| target | status |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    header = ["leaves", "clipper", "lower s", "compile s", "total s", "/ optax global", "note"]
-    return _table(header, rows)
-
-
-def _run(fig: dict[str, Any]) -> str:
-    rows = [
-        [
-            r["sweep"],
-            f"{r['n_leaves']} x {r['leaf_size']:,}",
-            f"{label(r['numerator'])} / {label(r['denominator'])}",
-            _ms(r["numerator_s"]),
-            _ms(r["denominator_s"]),
-            _num(r["ratio"]),
-            f"{_num(r.get('q1'))}-{_num(r.get('q3'))}",
-            _num(r.get("of_minima")),
-        ]
-        for r in fig["rows"]
-    ]
-    header = ["sweep", "tree", "ratio of", "ms (num)", "ms (den)", "ratio", "quartiles", "fastest"]
-    note = (
-        "ratio: median over rounds of the per-round ratio; quartiles: of those per-round "
-        "ratios; fastest: ratio of the two fastest samples.\n\n"
-    )
-    return note + _table(header, rows)
-
-
-def _chain(fig: dict[str, Any]) -> str:
-    rows = [[label(r["optimizer"]), _ms(r["median_s"]), _num(r["ratio"])] for r in fig["rows"]]
-    return _table(["optimizer step", "ms", "/ adam"], rows)
-
-
-def _throughput(fig: dict[str, Any]) -> str:
-    rows = [
-        [
-            f"{r['total_size']:,}",
-            label(r["series"]),
-            _ms(r["median_s"]),
-            _num(r["gb_per_s"]),
-            _num(r["fraction_of_roof"]),
-        ]
-        for r in fig["rows"]
-    ]
-    note = f"Roof: {fig.get('roof')}.\n\n"
-    return note + _table(["float32", "series", "ms", "GB/s", "of roof"], rows)
-
-
-def _torch(fig: dict[str, Any]) -> str:
-    rows = [
-        [
-            f"{r['n_leaves']} x {r['leaf_size']:,}",
-            _ms(r["ours_s"]),
-            _ms(r["optax_s"]),
-            _ms(r["torch_s"]),
-            _ms(r.get("donated_s")),
-            _num(r["ratio"]),
-            _num(r.get("donated_ratio")),
-        ]
-        for r in fig["rows"]
-    ]
-    info = fig.get("torch") or {}
-    note = f"torch {info.get('version')}, {info.get('threads')} threads, {info.get('device')}.\n\n"
-    header = ["tree", "ours ms", "optax ms", "torch ms", "ours donated ms"]
-    return note + _table([*header, "ours / torch", "donated / torch"], rows)
-
-
-def _memory(fig: dict[str, Any]) -> str:
-    rows = [
-        [
-            r["sweep"],
-            f"{r['n_leaves']} x {r['leaf_size']:,}",
-            label(r["clipper"]),
-            _mb(r.get("argument_size_in_bytes")),
-            _mb(r.get("output_size_in_bytes")),
-            _mb(r.get("temp_size_in_bytes")),
-            _mb(r.get("peak_bytes")),
-            _num(r.get("peak_ratio_to_twin")),
-            _num(r.get("state_bytes")),
-        ]
-        for r in fig["rows"]
-        if r["reference"]
-    ]
-    header = ["sweep", "tree", "clipper", "arg MB", "out MB", "temp MB", "peak MB", "/ twin"]
-    note = "The trees the goals use; every tree is in the JSON (`figures.6_memory.rows`).\n\n"
-    return note + _table([*header, "state bytes"], rows)
-
-
-_SECTIONS = {
-    "1_compile": _compile,
-    "2_run": _run,
-    "3_chain_adam": _chain,
-    "4_throughput": _throughput,
-    "5_torch": _torch,
-    "6_memory": _memory,
-}
+    for r in rows:
+        scale, unit = UNITS[r["metric"]]
+        quartiles = "-" if r["q1"] is None else f"{r['q1']:.3g}-{r['q3']:.3g}"
+        target = "-" if r["target"] is None else f"<= {r['target']:g}"
+        values = [_num(r["ours_value"], scale, unit), _num(r["ref_value"], scale, unit)]
+        cells = [r["metric"], r["tree"], r["ours"], r["ref"], *values, _num(r["ratio"])]
+        lines.append("| " + " | ".join([*cells, quartiles, target, r["status"]]) + " |")
+    return lines
 
 
 def markdown(results: dict[str, Any]) -> str:
-    meta = results["meta"]
-    parts = [
-        f"# gradclip_jax benchmarks: {meta['device']} ({meta['mode']} run)",
-        f"`{meta['command']}` on {meta['date']}, {meta['wall_s']:.0f} s, {_git_line(meta)}.\n\n"
-        f"Device: {_env_line(meta['env'])}.",
-        *(
-            ["**Quick run: tiny trees and one repeat; the numbers mean nothing.**"]
-            if meta["mode"] == "quick"
-            else []
-        ),
-        "## Goals\n\n" + goals_table(results["goals"]),
-        "### Diagnoses\n\n" + _diagnoses(results["goals"]),
-    ]
-    for number, (key, fig) in enumerate(results["figures"].items(), start=1):
-        heading = f"## {number}. {fig['title']}"
+    lines = _header(results["meta"])
+    if results["meta"]["mode"] == "quick":
+        lines.append("\nA `--quick` smoke run on tiny trees: its numbers mean nothing.")
+    for i, (name, fig) in enumerate(results["figures"].items(), 1):
+        lines.append(f"\n## {i}. {fig['title']} (`{name}`)\n")
         if fig["skipped"]:
-            parts.append(f"{heading}\n\nNot measured: {fig['skipped']}")
-            continue
-        wall = f"{fig['wall_s']:.0f} s" if fig.get("wall_s") else "-"
-        sizes = ", ".join(f"{k} {v}" for k, v in (fig["sizes"] or {}).items())
-        parts.append(
-            f"{heading}\n\nSizes: {sizes}. Measured in {wall} on "
-            f"{_env_line(fig['env'])}.\n\n{_SECTIONS[key](fig)}"
-        )
-    return "\n\n".join(parts) + "\n"
+            lines.append(f"Skipped: {fig['skipped']}.")
+        else:
+            lines += [_counts(fig["rows"]) + ".\n", *_table(fig["rows"])]
+    return "\n".join(lines) + "\n"
 
 
-def plot(results: dict[str, Any], path: Any) -> Any:
-    """Writes the PNG (``None`` when matplotlib is not installed)."""
-    if importlib.util.find_spec("matplotlib") is None:
-        return None
-    from benchmarks.plot import plot_figures
+def summary(results: dict[str, Any]) -> str:
+    """One line per figure: how many rows met, missed or had no target."""
+    return "\n".join(
+        f"{name}: " + (f"skipped ({fig['skipped']})" if fig["skipped"] else _counts(fig["rows"]))
+        for name, fig in results["figures"].items()
+    )
 
-    return plot_figures(results, path)
+
+def _panel(ax: Any, name: str, fig: dict[str, Any]) -> None:
+    """Ratio per tree, a line per pair and metric (run -, compile --, memory :); quartiles as
+    error bars, targets as short bars."""
+    ax.set_title(f"{name}: {fig['title']}", fontsize=8)
+    rows = [r for r in fig["rows"] if r["ratio"] is not None]
+    if fig["skipped"] or not rows:
+        ax.text(0.5, 0.5, f"skipped: {fig['skipped']}", ha="center", fontsize=8, wrap=True)
+        return ax.set_axis_off()
+    trees = list(dict.fromkeys(r["tree"] for r in rows))
+    series: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        series.setdefault(f"{r['metric']}: {r['ours']} / {r['ref']}", []).append(r)
+    for label, points in series.items():
+        xs = [trees.index(r["tree"]) for r in points]
+        ys = [r["ratio"] for r in points]
+        low = [r["ratio"] - (r["q1"] or r["ratio"]) for r in points]
+        high = [(r["q3"] or r["ratio"]) - r["ratio"] for r in points]
+        style = {"run": "-", "compile": "--", "memory": ":"}[points[0]["metric"]]
+        line = ax.errorbar(xs, ys, [low, high], ls=style, marker="o", ms=3, capsize=2, label=label)
+        marks = [(x, r["target"]) for x, r in zip(xs, points) if r["target"] is not None]
+        if marks:
+            ax.plot(*zip(*marks), "_", ms=14, mew=2, color=line[0].get_color())
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.tick_params(axis="y", which="both", labelsize=6)
+    ax.set_xticks(range(len(trees)), trees, fontsize=7)
+    ax.set_ylabel("ours / reference (log scale)", fontsize=7)
+    ax.legend(fontsize=5, ncol=2)
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    """One PNG, a panel per figure."""
+    figures, meta = results["figures"], results["meta"]
+    cols = min(3, len(figures))
+    nrows = -(-len(figures) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(7 * cols, 5 * nrows), squeeze=False)
+    for ax, (name, figure) in zip(axes.flat, figures.items()):
+        _panel(ax, name, figure)
+    for ax in list(axes.flat)[len(figures) :]:
+        ax.set_axis_off()
+    fig.suptitle(
+        f"gradclip_jax benchmarks, {meta['device']} ({meta['cpu_count']} CPUs), "
+        f"{meta['mode']} run, {meta['date']}; short bars: targets"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
