@@ -484,9 +484,10 @@ def on_nonfinite(
     ``lax.cond`` that runs only on a bad step: the common path has no host round trip,
     and nothing has to be functionalised (``jax.experimental.checkify`` would require
     the user to wrap the training step, and fails to trace otherwise). The callback
-    raises ``FloatingPointError``; under ``jit`` it reaches the caller as a
+    raises ``FloatingPointError``, which reaches the caller as a
     ``jax.errors.JaxRuntimeError`` (a ``RuntimeError``) carrying the same message, when
-    the step's results are computed. As a second line of defence the step is skipped.
+    the step's results are computed, eagerly and under ``jit`` alike (a bare
+    ``FloatingPointError`` only under ``jax.disable_jit()``; docs/numerics.md). As a second line of defence the step is skipped.
 
     **max_consecutive.** With ``max_consecutive=N``, up to ``N`` consecutive bad steps
     are handled by the policy; the next one *raises* (as above) instead of being

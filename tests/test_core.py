@@ -152,3 +152,61 @@ def test_x64_constant_thresholds_stay_exact_for_float64_leaves():
         updates, state = jax.jit(tx.update)(grads, tx.init(grads))
         assert float(jnp.linalg.norm(updates["w"])) == pytest.approx(0.1, rel=1e-15)
         assert state.stats.norm.dtype == jnp.float32  # statistics are float32 always
+
+
+BIG = {"w": jnp.full((10_000,), 1e37, jnp.float32), "b": jnp.array([3e37, -4e37])}
+
+
+@pytest.mark.parametrize("name", ["clip_by_global_norm", "zclip", "adaptive_clip"])
+def test_finite_entries_whose_norm_exceeds_float32_max_are_clipped_not_zeroed(name):
+    tx = {"clip_by_global_norm": lambda: gradclip_jax.clip_by_global_norm(1.0)}.get(
+        name, getattr(gradclip_jax, name)
+    )()
+    updates, state = jax.jit(tx.update)(BIG, tx.init(BIG))
+    flat = np.concatenate([np.asarray(updates[k], np.float64) for k in ("w", "b")])
+    original = np.concatenate([np.asarray(BIG[k], np.float64) for k in ("w", "b")])
+    threshold = float(gradclip_jax.stats(state)[f"{name}/threshold"])
+    assert np.linalg.norm(flat) == pytest.approx(threshold, rel=1e-5)
+    cosine = flat @ original / (np.linalg.norm(flat) * np.linalg.norm(original))
+    assert cosine == pytest.approx(1.0, abs=1e-6)
+    assert float(gradclip_jax.stats(state)[f"{name}/clipped_norm"]) == pytest.approx(threshold)
+
+
+@pytest.mark.parametrize("name", ["clip_by_leaf_norm", "clip_by_block_rms"])
+def test_per_leaf_norms_beyond_float32_max_are_clipped_in_their_direction(name):
+    tx = getattr(gradclip_jax, name)(1.0)
+    updates, _ = jax.jit(tx.update)(BIG, tx.init(BIG))
+    for key in ("w", "b"):
+        out = np.asarray(updates[key], np.float64)
+        x = np.asarray(BIG[key], np.float64)
+        assert np.all(np.isfinite(out)) and np.linalg.norm(out) > 0
+        cosine = out @ x / (np.linalg.norm(out) * np.linalg.norm(x))
+        assert cosine == pytest.approx(1.0, abs=1e-6)
+
+
+def test_adagc_warm_up_with_a_global_norm_beyond_float32_max_stays_finite():
+    # The warm-up shares abs_max by each leaf's part of the global norm, which is inf
+    # here: leaves other than the huge one get 0 (docs/numerics.md), never NaN.
+    tx = gradclip_jax.adagc()
+    updates, state = jax.jit(tx.update)(BIG, tx.init(BIG))
+    assert all(np.all(np.isfinite(np.asarray(u))) for u in jax.tree.leaves(updates))
+    assert all(np.all(np.isfinite(np.asarray(s))) for s in jax.tree.leaves(state.rule_state))
+
+
+def test_agc_clips_units_whose_norm_exceeds_float32_max():
+    params = {"k": jnp.ones((100, 4))}
+    grads = {"k": jnp.full((100, 4), 1e37, jnp.float32).at[:, 0].set(1e-3)}
+    updates, state = gradclip_jax.agc(0.01).update(
+        grads, gradclip_jax.agc(0.01).init(params), params
+    )
+    norms = np.linalg.norm(np.asarray(updates["k"], np.float64), axis=0)
+    # each unit limited to 0.01 x its parameter norm (10); the small unit untouched
+    np.testing.assert_allclose(norms[1:], 0.1, rtol=1e-5)
+    np.testing.assert_allclose(norms[0], np.linalg.norm(np.full(100, 1e-3)), rtol=1e-5)
+
+
+def test_clip_by_value_keeps_the_phase_of_complex_entries_beyond_the_range():
+    x = jnp.array([3e38 + 3e38j, 0.5 - 0.5j], jnp.complex64)
+    tx = gradclip_jax.clip_by_value(1.0)
+    out, _ = tx.update(x, tx.init(x))
+    np.testing.assert_allclose(np.asarray(out), [np.sqrt(0.5) * (1 + 1j), 0.5 - 0.5j], rtol=1e-6)

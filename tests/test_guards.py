@@ -577,3 +577,16 @@ def test_extra_arguments_reach_a_multisteps_inner_transformation():
     for step in range(4):
         _, state = tx.update({"w": jnp.ones(2)}, state, params, loss=jnp.asarray(1.0 + step))
     assert int(gradclip_jax.stats(state)["skip_on_spike/skip_count"]) == 0
+
+
+def test_raise_policy_error_types_eager_and_under_jit_are_as_documented():
+    # docs/numerics.md: jax.errors.JaxRuntimeError eagerly and under jit, carrying the
+    # FloatingPointError text and the leaf path; FloatingPointError under disable_jit.
+    guard = gradclip_jax.on_nonfinite(optax.sgd(0.1), policy="raise")
+    bad = {"w": jnp.array([1.0, jnp.nan])}
+    state = guard.init(bad)
+    for update in (guard.update, jax.jit(guard.update)):
+        with pytest.raises(jax.errors.JaxRuntimeError, match=r"FloatingPointError.*\['w'\]"):
+            jax.block_until_ready(update(bad, state))
+    with jax.disable_jit(), pytest.raises(FloatingPointError, match=r"\['w'\]"):
+        jax.block_until_ready(guard.update(bad, state))
