@@ -814,8 +814,10 @@ class AdaGC(_Validated):
         warm = (state.count < self.warmup_steps) | jnp.isinf(state.gamma)
         # Global clipping at abs_max, expressed as this block's share of the budget.
         positive = global_norm > 0
+        # A block whose norm is beyond the float32 range (the global one is too) takes
+        # the whole budget; the others' shares are then 0.
         share = _f32(self.abs_max) * jnp.where(
-            positive, norm / jnp.where(positive, global_norm, 1), 1
+            jnp.isinf(norm), 1, jnp.where(positive, norm / jnp.where(positive, global_norm, 1), 1)
         )
         threshold = jnp.where(warm, share, _f32(self.relative) * state.gamma)
         clipped = jnp.minimum(norm, threshold)
