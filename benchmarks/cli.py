@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -29,6 +30,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     parser.add_argument("--only", nargs="+", choices=list(suite.FIGURES), help="these figures")
     parser.add_argument("--device", choices=list(PLATFORMS), help="default: JAX's backend")
+    parser.add_argument(
+        "--max-leaves", type=int, help="skip trees with more leaves (their compiles take minutes)"
+    )
     return parser.parse_args(argv)
 
 
@@ -90,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     backend = jax.default_backend()
     device = args.device or ("gpu" if backend in ("gpu", "cuda", "rocm") else backend)
     cfg = suite.QUICK if args.quick else suite.FULL
+    if args.max_leaves is not None:
+        trees = tuple(t for t in cfg.trees if t.n_leaves <= args.max_leaves)
+        cfg = dataclasses.replace(cfg, trees=trees)
     figures = args.only or list(suite.FIGURES)
     started = time.perf_counter()
     measured = measure(cfg, figures)
