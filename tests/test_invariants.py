@@ -93,7 +93,7 @@ FAST = {
     "inject": ["agc", "skip_on_spike"],
     "multisteps": ["quantile_clip", "on_nonfinite_zero"],
     "masked": ["clip_by_leaf_norm", "adagc"],
-    "near_max": ["clip_by_value", "clip_by_global_norm"],
+    "near_max": [],  # set per (tree, mode) by _near_max_params
     # trees holding only zero-size leaves or only scalars (the mixed tree has both kinds
     # of leaf beside others for every transformation in the fast tier)
     "zero_size": [
@@ -120,6 +120,12 @@ def over(axis: str, names=NAMES, xfail: dict[str, str] | None = None, prefix=())
             marks.append(pytest.mark.xfail(strict=True, reason=xfail[name]))
         params.append(pytest.param(*prefix, name, marks=marks, id="-".join([*prefix, name])))
     return params
+
+
+def test_the_fast_tier_names_real_transformations():
+    """A misspelt name in FAST would silently move its test to the slow tier."""
+    for axis, names in FAST.items():
+        assert set(names) <= set(NAMES), f"FAST[{axis!r}]: {set(names) - set(NAMES)}"
 
 
 # --------------------------------------------------------------------------- running
@@ -255,10 +261,10 @@ def test_float8_values_under_jit(spec, name):
 # -------------------------------------------------------------------------- trees
 
 _NO_FLOATS = (
-    "{}: ValueError: Need at least one array to concatenate (_clip_leaves -> "
-    "stack_scalars([])); repro: gradclip_jax.clip_by_leaf_norm(1.0).update({}, "
-    "tx.init({})). Global clippers pass such trees through; optax.masked with an "
-    "all-False mask hands the inner transformation exactly this."
+    "ValueError: Need at least one array to concatenate (_clip_leaves -> "
+    "stack_scalars([])); repro: tx = gradclip_jax.clip_by_leaf_norm(1.0); "
+    "tx.update({}, tx.init({})). Global clippers pass such trees through; optax.masked "
+    "with an all-False mask hands the inner transformation exactly this"
 )
 _ONLY_ZERO_SIZE = (
     "ValueError: Need at least one array to stack (_any_nonfinite: blocks_of drops "
@@ -305,6 +311,8 @@ def test_dp_aggregate_rejects_trees_without_examples(name, spec):
 
 @pytest.mark.parametrize("name", over("eager"))
 def test_eager_equals_jit(name):
+    """The same steps eagerly and under jit (mixed-dtype tree): the same updates and
+    states, each step checked."""
     case = CASES[name]
     tx, update = shared(name)
     grads_seq, params = sequence(case, "mixed", STEPS)
@@ -363,8 +371,6 @@ def _scan(case: Case, tx, grads_seq, params):
 
 def _scan_equals_loop(case: Case, tx, update, spec_name: str) -> None:
     grads_seq, params = sequence(case, spec_name, STEPS)
-    if case.policy == "raise":
-        grads_seq = grads_seq[:3]
     outs, states = _scan(case, tx, grads_seq, params)
     _, loop_outs, loop_states = run(case, tx, update, grads_seq, params)
     for i in range(len(grads_seq)):
@@ -622,32 +628,73 @@ def test_a_float32_norm_beyond_float32_max_is_clipped_to_the_threshold():
     np.testing.assert_allclose(w, np.full(10_000, 1e-2), rtol=1e-6)  # the direction
 
 
-_SUBNORMAL_SCALE = (
-    "a finite norm above 2**126 * threshold (float32) gives the scale threshold / norm "
-    "< 2**-126, a subnormal that XLA on CPU flushes to zero, so the update is zero; "
-    "repro: clip_by_global_norm(1.0).update({'w': jnp.array([1e38])}, state) -> [0.] "
-    "(expected [1.])"
+_NORM_ABOVE_2_126 = (
+    "a finite norm above 2**126 (~8.5e37) has a subnormal reciprocal, which XLA on CPU "
+    "flushes to zero. (a) Under jit the scale threshold / norm is flushed and the update "
+    "is zero; repro: jax.jit(gradclip_jax.clip_by_global_norm(1.0).update)({'w': "
+    "jnp.array([1e38])}, state) -> [0.] (expected [1.]). (b) Where norms of parts are "
+    "combined (norm_of_norms divides by the largest: global norms of trees of several "
+    "blocks when eager, per-example norms of several leaves under jit too) the norm "
+    "comes out 0 and the update is not clipped at all; repro: gradclip_jax.global_norm("
+    "{'a': jnp.array([2e38, 0.0]), 'b': jnp.ones(1, jnp.bfloat16)}) -> 0.0, and "
+    "clip_by_global_norm(1.0).update of that tree (eager) returns it unclipped"
 )
 
 
-def _near_max_xfail() -> dict[str, str]:
-    # Everything that scales by threshold / norm, on its first step (threshold ~1).
-    bounded = [n for n in NAMES if n not in ("clip_by_value", "dp_aggregate_adaptive")]
-    return {n: _SUBNORMAL_SCALE for n in bounded}
+def _near_max_params() -> list:
+    """(tree, mode, name): one block or several (the mixed tree), jit or eager."""
+    xfail = {n: _NORM_ABOVE_2_126 for n in NAMES if n != "clip_by_value"}
+    fast = {
+        ("f32", "jit"): {"clip_by_global_norm", "dp_aggregate"},
+        ("mixed", "eager"): {"clip_by_global_norm"},
+        ("mixed", "jit"): {"clip_by_value"},
+    }
+    params = []
+    for tree in ("f32", "mixed"):
+        for mode in ("jit", "eager"):
+            FAST["near_max"] = sorted(fast.get((tree, mode), ()))
+            params += over("near_max", NAMES, xfail, prefix=(tree, mode))
+    return params
 
 
-@pytest.mark.parametrize("name", over("near_max", xfail=_near_max_xfail()))
-def test_a_finite_norm_near_float32_max_is_clipped_to_the_threshold(name):
-    """Entries of 2e38 and -1e38: the norm (2.2e38) is finite, so the update must be
-    clipped *to* the threshold in the original direction, not to zero."""
+@pytest.mark.parametrize(("tree", "mode", "name"), _near_max_params())
+def test_a_finite_norm_near_float32_max_is_clipped_to_the_threshold(tree, mode, name):
+    """Entries of 2e38 and -1e38 in the float32 leaf: the norm (2.2e38) is finite, so
+    the update is clipped *to* the threshold in the original direction: neither zero
+    (which check_step calls clipped below the threshold) nor unclipped."""
     case = CASES[name]
     tx, update = shared(name)
-    grads, params = sequence(case, "f32", ("small",))
-    grads = grads[0]
-    w = np.array(grads["w"])
-    w[..., 0, 0], w[..., 1, 1] = 2e38, -1e38
-    grads = {**grads, "w": jnp.asarray(w)}
-    run(case, tx, update, [grads], params)
+    grads, params = sequence(case, tree, ("small",))
+    key = "w" if tree == "f32" else "f32"
+    big = np.array(grads[0][key])
+    big[..., 0, 0], big[..., 1, 1] = 2e38, -1e38
+    grads = {**grads[0], key: jnp.asarray(big)}
+    _, (out,), _ = run(case, tx, update if mode == "jit" else tx.update, [grads], params)
+    assert np.any(np.asarray(out[key], np.float32)), f"{name}: the huge leaf was zeroed"
+
+
+@pytest.mark.parametrize(
+    "mode",
+    [pytest.param("eager", marks=pytest.mark.xfail(strict=True, reason=_NORM_ABOVE_2_126)), "jit"],
+)
+def test_global_norm_of_several_blocks_near_float32_max(mode):
+    tree = {"a": jnp.array([2e38, 0.0], jnp.float32), "b": jnp.ones(1, jnp.bfloat16)}
+    norm = gradclip_jax.global_norm if mode == "eager" else jax.jit(gradclip_jax.global_norm)
+    np.testing.assert_allclose(float(norm(tree)), 2e38, rtol=1e-6)
+
+
+@pytest.mark.xfail(strict=True, reason=_NORM_ABOVE_2_126)
+@pytest.mark.parametrize("mode", ["eager", "jit"])
+def test_per_example_clip_clips_an_example_near_float32_max(mode):
+    """Else one example moves the sum without bound: DP's sensitivity is gone."""
+    grads = {
+        "a": jnp.array([[2e38, 0.0], [1.0, 0.0]], jnp.float32),
+        "b": jnp.array([[0.5], [0.5]], jnp.float32),
+    }
+    clip = lambda g: gradclip_jax.per_example_clip(g, 1.0)
+    total, count = (clip if mode == "eager" else jax.jit(clip))(grads)
+    assert int(count) == 2
+    assert norm64(inexact(total)) <= 2 * (1 + 1e-6)
 
 
 _LINF_FLOAT8 = (
