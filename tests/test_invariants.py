@@ -77,9 +77,9 @@ FAST = {
     # dp_aggregate compiles slowly on the mixed tree: its fast sweeps are the float8 ones
     "values": [n for n in NAMES if n not in ("dp_aggregate", "dp_aggregate_adaptive")],
     "float8_e4m3fn": ["clip_by_value", "adagc"],
-    "float8_e5m2": ["clip_by_global_norm", "on_nonfinite_zero", "dp_aggregate"],
+    "float8_e5m2": ["clip_by_global_norm", "dp_aggregate"],
     "eager": ["clip_by_global_norm", "quantile_clip"],
-    "vmap": ["on_nonfinite_raise", "adaptive_clip_leaf"],
+    "vmap": ["on_nonfinite_raise", "zclip"],
     "scan": ["autoclip", "on_nonfinite_skip"],
     "x64_scan": ["clip_by_block_rms", "zclip"],
     # the fresh states that donation once broke, on a tree with zero-size leaves
@@ -93,7 +93,10 @@ FAST = {
     "inject": ["agc", "skip_on_spike"],
     "multisteps": ["quantile_clip", "on_nonfinite_zero"],
     "masked": ["clip_by_leaf_norm", "adagc"],
-    "near_max": [],  # set per (tree, mode) by _near_max_params
+    "near_max": {  # (tree, mode): names
+        ("f32", "jit"): ["clip_by_global_norm"],
+        ("mixed", "jit"): ["clip_by_value"],
+    },
     # trees holding only zero-size leaves or only scalars (the mixed tree has both kinds
     # of leaf beside others for every transformation in the fast tier)
     "zero_size": [
@@ -108,13 +111,13 @@ FAST = {
 }
 
 
-def over(axis: str, names=NAMES, xfail: dict[str, str] | None = None, prefix=()) -> list:
-    """``names`` as parameters (after ``prefix``): slow unless ``FAST[axis]`` lists
-    them (or ``axis`` is None: fast); a strict xfail for the known defects in ``xfail``."""
+def over(fast, names=NAMES, xfail: dict[str, str] | None = None, prefix=()) -> list:
+    """``names`` as parameters (after ``prefix``): slow unless in ``fast`` (``None``: all
+    fast); a strict xfail for the known defects in ``xfail``."""
     params = []
     for name in names:
         marks = []
-        if axis is not None and name not in FAST[axis]:
+        if fast is not None and name not in fast:
             marks.append(pytest.mark.slow)
         if xfail and name in xfail:
             marks.append(pytest.mark.xfail(strict=True, reason=xfail[name]))
@@ -125,7 +128,8 @@ def over(axis: str, names=NAMES, xfail: dict[str, str] | None = None, prefix=())
 def test_the_fast_tier_names_real_transformations():
     """A misspelt name in FAST would silently move its test to the slow tier."""
     for axis, names in FAST.items():
-        assert set(names) <= set(NAMES), f"FAST[{axis!r}]: {set(names) - set(NAMES)}"
+        for group in names.values() if isinstance(names, dict) else [names]:
+            assert set(group) <= set(NAMES), f"FAST[{axis!r}]: {set(group) - set(NAMES)}"
 
 
 # --------------------------------------------------------------------------- running
@@ -237,7 +241,7 @@ def _sweep(case: Case, tx, update, spec_name: str) -> None:
 # -------------------------------------------------------- values x dtypes x jit
 
 
-@pytest.mark.parametrize("name", over("values"))
+@pytest.mark.parametrize("name", over(FAST["values"]))
 def test_values_under_jit(name):
     """Every value kind through one jitted update of the mixed-dtype tree (float16,
     bfloat16, float32, complex64, int, bool, None, a scalar, a zero-size leaf)."""
@@ -248,7 +252,7 @@ def test_values_under_jit(name):
 
 @pytest.mark.parametrize(
     ("spec", "name"),
-    [p for f8 in ("float8_e4m3fn", "float8_e5m2") for p in over(f8, prefix=(f8,))],
+    [p for f8 in ("float8_e4m3fn", "float8_e5m2") for p in over(FAST[f8], prefix=(f8,))],
 )
 def test_float8_values_under_jit(spec, name):
     """float8 x jit: the value sweep on float8 trees (float8_e4m3fn has no infinities:
@@ -278,10 +282,10 @@ def _tree_params():
     xfail = {n: f"leaf granularity, no float leaf: {_NO_FLOATS}" for n in LEAF_GRANULARITY}
     params += over(None, NOT_DP, xfail, prefix=("empty_tree",))
     for spec in ("none_leaves", "int_bool_only"):
-        params += over("no_floats", NOT_DP, xfail, prefix=(spec,))
+        params += over(FAST["no_floats"], NOT_DP, xfail, prefix=(spec,))
     xfail = {n: f"only empty float leaves: {_ONLY_ZERO_SIZE}" for n in ON_NONFINITE}
-    params += over("zero_size", NAMES, xfail, prefix=("zero_size",))
-    params += over("scalars", NAMES, prefix=("scalars",))
+    params += over(FAST["zero_size"], NAMES, xfail, prefix=("zero_size",))
+    params += over(FAST["scalars"], NAMES, prefix=("scalars",))
     return params
 
 
@@ -309,7 +313,7 @@ def test_dp_aggregate_rejects_trees_without_examples(name, spec):
 # ------------------------------------------------------------------ execution modes
 
 
-@pytest.mark.parametrize("name", over("eager"))
+@pytest.mark.parametrize("name", over(FAST["eager"]))
 def test_eager_equals_jit(name):
     """The same steps eagerly and under jit (mixed-dtype tree): the same updates and
     states, each step checked."""
@@ -323,7 +327,7 @@ def test_eager_equals_jit(name):
         assert_trees_close(sa, sb, f"{name}: eager vs jit, state {i}", rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", over("vmap"))
+@pytest.mark.parametrize("name", over(FAST["vmap"]))
 def test_vmap_over_states_equals_each_run(name):
     """A batch of states (vmapped init) updated by a vmapped update: each row equals its
     unbatched run; one row meets NaN at step 2 (except for policy="raise") and the
@@ -378,7 +382,7 @@ def _scan_equals_loop(case: Case, tx, update, spec_name: str) -> None:
         assert_trees_close(row(states, i), loop_states[i], f"{case.name}: scan, state {i}", 1e-5)
 
 
-@pytest.mark.parametrize("name", over("scan"))
+@pytest.mark.parametrize("name", over(FAST["scan"]))
 def test_scan_over_steps_equals_the_loop(name):
     """The state is a valid scan carry (its layout is fixed) and scan == the jitted loop,
     on the mixed-dtype tree."""
@@ -386,7 +390,7 @@ def test_scan_over_steps_equals_the_loop(name):
     _scan_equals_loop(CASES[name], tx, update, "mixed")
 
 
-@pytest.mark.parametrize("name", over("x64_scan"))
+@pytest.mark.parametrize("name", over(FAST["x64_scan"]))
 def test_x64_scan_over_float64_leaves(name):
     """x64 x scan: float64 leaves (beside a float32 one) under jax_enable_x64, through
     scan and through the jitted loop; the state keeps its layout (its statistics stay
@@ -397,7 +401,7 @@ def test_x64_scan_over_float64_leaves(name):
         _scan_equals_loop(case, tx, Jitted(tx.update), "f64")
 
 
-@pytest.mark.parametrize("name", over("donate"))
+@pytest.mark.parametrize("name", over(FAST["donate"]))
 def test_a_fresh_state_can_be_donated(name):
     """jit(update, donate_argnums=1) on the state fresh from init (whose arrays must be
     distinct buffers), on the mixed tree (zero-size and scalar leaves included); equal
@@ -417,7 +421,7 @@ def _fresh(value: jax.Array) -> jax.Array:
     return value * 1
 
 
-@pytest.mark.parametrize("name", over("inject"))
+@pytest.mark.parametrize("name", over(FAST["inject"]))
 def test_inject_hyperparams_of_every_numeric_argument(name):
     """optax.inject_hyperparams with every numeric hyperparameter injected (traced)
     equals the plain transformation; hyperparameters put back into the state as new
@@ -449,7 +453,7 @@ def _mean(a: Any, b: Any) -> Any:
     return jax.tree.map(mean, a, b)
 
 
-@pytest.mark.parametrize("name", over("multisteps", NOT_DP))
+@pytest.mark.parametrize("name", over(FAST["multisteps"], NOT_DP))
 def test_multisteps_applies_it_to_the_mean_every_k_steps(name):
     """optax.MultiSteps(tx, 2): the state keeps its layout, the mini-steps give zeros and
     every second step equals tx applied to the mean of the two gradients. (dp_aggregate
@@ -472,7 +476,7 @@ def test_multisteps_applies_it_to_the_mean_every_k_steps(name):
     assert multi_update.traces == 1, f"{name}: MultiSteps update retraced"
 
 
-@pytest.mark.parametrize("name", over("masked"))
+@pytest.mark.parametrize("name", over(FAST["masked"]))
 def test_masked_clips_the_masked_leaves_only(name):
     """optax.masked(tx, {"w": True, "b": False}): "b" passes through bit for bit, "w"
     gets what tx gives the tree {"w": ...}; the state keeps its layout."""
@@ -644,16 +648,11 @@ _NORM_ABOVE_2_126 = (
 def _near_max_params() -> list:
     """(tree, mode, name): one block or several (the mixed tree), jit or eager."""
     xfail = {n: _NORM_ABOVE_2_126 for n in NAMES if n != "clip_by_value"}
-    fast = {
-        ("f32", "jit"): {"clip_by_global_norm", "dp_aggregate"},
-        ("mixed", "eager"): {"clip_by_global_norm"},
-        ("mixed", "jit"): {"clip_by_value"},
-    }
     params = []
     for tree in ("f32", "mixed"):
         for mode in ("jit", "eager"):
-            FAST["near_max"] = sorted(fast.get((tree, mode), ()))
-            params += over("near_max", NAMES, xfail, prefix=(tree, mode))
+            fast = FAST["near_max"].get((tree, mode), ())
+            params += over(fast, NAMES, xfail, prefix=(tree, mode))
     return params
 
 
@@ -834,20 +833,22 @@ def _per_example_reference(grads: Any, max_norm: float) -> list[np.ndarray]:
     return [np.tensordot(scale, x, axes=1) for x in examples]
 
 
-@pytest.mark.parametrize("granularity", ["global", pytest.param("leaf", marks=pytest.mark.slow)])
-def test_per_example_clip_bounds_every_example(granularity):
+@pytest.mark.parametrize(
+    ("granularity", "eager"),
+    [("global", False), pytest.param("global", True, marks=pytest.mark.slow)]
+    + [pytest.param("leaf", eager, marks=pytest.mark.slow) for eager in (False, True)],
+)
+def test_per_example_clip_bounds_every_example(granularity, eager):
     """per_example_clip on a batch of mixed-dtype examples, every value kind: dtypes and
     shapes of one example, counts in [0, batch], the sum at most batch * max_norm, NaN
-    only where an example had one, the float64 reference (global); jit equals eager."""
+    only where an example had one, the float64 reference (global); eager and jit."""
     spec = spec_for(CASES["dp_aggregate"], SPECS["mixed"])
     clip = lambda g: gradclip_jax.per_example_clip(g, 1.0, granularity=granularity)
-    jitted_clip = jax.jit(clip)
+    run_clip = clip if eager else jax.jit(clip)
     for kind in ("clean", "huge", "zeros", "subnormal", "nan", "inf"):
         grads = fill(spec, kind)
-        total, count = jitted_clip(grads)
-        what = f"per_example_clip({granularity}) of {kind}"
-        if kind == "nan":  # eager is slow: one kind
-            assert_trees_close((total, count), clip(grads), f"{what}: jit vs eager", 1e-5)
+        total, count = run_clip(grads)
+        what = f"per_example_clip({granularity}, eager={eager}) of {kind}"
         for g, t in zip(jax.tree.leaves(grads), jax.tree.leaves(total)):
             shape = g.shape[1:] if jnp.issubdtype(g.dtype, jnp.inexact) else g.shape
             assert t.dtype == g.dtype and t.shape == shape, what
