@@ -45,11 +45,11 @@ from _invariant_cases import (
     NAMES,
     SPECS,
     Case,
-    as64,
     assert_bitwise_equal,
     assert_same_layout,
     assert_trees_close,
     check_step,
+    clipped_sum,
     fill,
     finite_tree,
     inexact,
@@ -825,14 +825,6 @@ def test_drawn_trees_keep_the_invariants(drawn, data):
 # ------------------------------------------------------------------ per_example_clip
 
 
-def _per_example_reference(grads: Any, max_norm: float) -> list[np.ndarray]:
-    """Abadi et al.'s clipped sum in float64: sum_i g_i * min(1, C / ||g_i||)."""
-    examples = [as64(x) for x in inexact(grads)]
-    norms = np.sqrt(sum(np.sum(np.abs(x.reshape(BATCH, -1)) ** 2, axis=1) for x in examples))
-    scale = np.minimum(1.0, max_norm / np.where(norms > 0, norms, 1.0))
-    return [np.tensordot(scale, x, axes=1) for x in examples]
-
-
 @pytest.mark.parametrize(
     ("granularity", "eager"),
     [("global", False), pytest.param("global", True, marks=pytest.mark.slow)]
@@ -865,38 +857,34 @@ def test_per_example_clip_bounds_every_example(granularity, eager):
         slack = 1e-5 + 2**-9  # the bfloat16 leaf's rounding
         assert norm64(inexact(total)) <= BATCH * (1 + slack), what
         if granularity == "global" and kind != "subnormal":  # subnormals: flushed
-            for got, want in zip(inexact(total), _per_example_reference(grads, 1.0)):
+            for got, want in zip(inexact(total), clipped_sum(inexact(grads), 1.0)):
                 np.testing.assert_allclose(got, want, rtol=slack, atol=slack, err_msg=what)
 
 
 # ------------------------------------------------------------ the checks can fail
 
 
-def _fake(update) -> Any:
-    """A transformation whose state is a clipper's but whose update is ``update``."""
-    real = gradclip_jax.clip_by_global_norm(1.0)
-    return optax.GradientTransformation(real.init, update)
+def _broken() -> dict[str, tuple[str, Any, str, str]]:
+    """Broken transformations: (the case whose promises they claim, the transformation,
+    the value kind that exposes them, what check_step must say)."""
+    real = CASES["clip_by_global_norm"].make()
 
-
-def _broken():
-    real = gradclip_jax.clip_by_global_norm(1.0)
-
-    def through(updates, state, params=None):
-        return real.update(updates, state, params)
+    def global_clipper(update):
+        return optax.GradientTransformation(real.init, update)
 
     def scaled(factor):
         def update(updates, state, params=None):
             out, state = real.update(updates, state, params)
             return jax.tree.map(lambda x: (x * factor).astype(x.dtype), out), state
 
-        return update
+        return global_clipper(update)
 
     def identity(updates, state, params=None):
         return updates, real.update(updates, state, params)[1]
 
     def nan_on_zero(updates, state, params=None):
         out, state = real.update(updates, state, params)
-        return jax.tree.map(lambda x: x / x * x if x.dtype == jnp.float32 else x, out), state
+        return jax.tree.map(lambda x: x / x * x, out), state
 
     def drifting_state(updates, state, params=None):
         out, state = real.update(updates, state, params)
@@ -908,29 +896,44 @@ def _broken():
         bad = jnp.any(jnp.stack([jnp.any(jnp.isnan(x)) for x in jax.tree.leaves(updates)]))
         return jax.tree.map(lambda x: jnp.where(bad, jnp.nan, x).astype(x.dtype), out), state
 
+    zclip = CASES["zclip"].make()
+
+    def absorbing(updates, state, params=None):  # the rule sees the NaN step's finite part
+        out, _ = zclip.update(updates, state, params)
+        finite = jax.tree.map(lambda x: jnp.where(jnp.isfinite(x), x, 0).astype(x.dtype), updates)
+        return out, zclip.update(finite, state, params)[1]
+
+    propagate = CASES["on_nonfinite_propagate"].make()
+    g = "clip_by_global_norm"
     return {
-        "NaN spreads to every entry": (nan_everywhere, "nan"),
-        "no clipping": (identity, "clean"),
-        "clipped below the threshold": (scaled(0.5), "clean"),
-        "clipped to zero": (scaled(0.0), "clean"),
-        "sign flipped": (scaled(-1.0), "clean"),
-        "NaN from zeros": (nan_on_zero, "zeros"),
-        "state layout drifts": (drifting_state, "clean"),
-        "control: the real one": (through, "clean"),
+        "no clipping": (g, global_clipper(identity), "clean", "> threshold"),
+        "clipped below the threshold": (g, scaled(0.5), "clean", "below the threshold"),
+        "clipped to zero": (g, scaled(0.0), "clean", "below the threshold"),
+        "sign flipped": (g, scaled(-1.0), "clean", "sign flipped"),
+        "NaN from zeros": (g, global_clipper(nan_on_zero), "zeros", "non-finite update"),
+        "NaN spreads to every entry": (g, global_clipper(nan_everywhere), "nan", "spread"),
+        "state layout drifts": (g, global_clipper(drifting_state), "clean", "state leaf"),
+        "a rule absorbs a NaN step": (
+            "zclip",
+            optax.GradientTransformation(zclip.init, absorbing),
+            "nan",
+            "absorbed",
+        ),
+        "policy='skip' applies a NaN step": ("on_nonfinite_skip", propagate, "nan", "moved"),
     }
 
 
 @pytest.mark.parametrize("broken", list(_broken()))
-def test_the_checks_reject_a_broken_clipper(broken):
-    """check_step is not a tautology: each breakage of a global clipper fails it."""
-    update, kind = _broken()[broken]
-    case = CASES["clip_by_global_norm"]
-    tx = _fake(update)
+def test_the_checks_reject_a_broken_transformation(broken):
+    """check_step is not a tautology: each breakage fails it for its reason, while the
+    transformation it imitates passes the same step."""
+    name, tx, kind, message = _broken()[broken]
+    case = CASES[name]
     grads = fill(SPECS["f32"], kind)
+    real = case.make()
+    init = real.init(grads)
+    check_step(case, grads, grads, init, *real.update(grads, init, grads), init, " (control)")
     init = tx.init(grads)
     out, after = tx.update(grads, init, grads)
-    if broken.startswith("control"):
-        check_step(case, grads, grads, init, out, after, init)
-        return
-    with pytest.raises(AssertionError):
+    with pytest.raises(AssertionError, match=message):
         check_step(case, grads, grads, init, out, after, init)
