@@ -683,6 +683,9 @@ def test_the_child_process_passes_a_thousand_leaves_of_a_global_clipper():
 
 
 def test_raise_policy_under_vmap_over_states_is_quiet_on_clean_steps():
+    """Once fixed: under vmap the cond around the error callback becomes a select, so
+    the callback runs on every step; it must raise only where some state is bad, and
+    name the bad leaf."""
     tx = gradclip_jax.on_nonfinite(optax.sgd(0.1), policy="raise")
     params = {"w": jnp.zeros(3), "b": jnp.zeros(2)}
     states = jax.vmap(lambda _: tx.init(params))(jnp.arange(4))
@@ -704,6 +707,8 @@ def test_raise_policy_under_vmap_over_states_is_quiet_on_clean_steps():
     "clip_by_global_norm(1.0).update({'w': jnp.full((10_000,), 1e37)}, state) -> zeros",
 )
 def test_a_float32_norm_beyond_float32_max_is_clipped_to_the_threshold():
+    """Finite entries whose norm (1e39) exceeds float32's maximum: a nonzero update of
+    norm 1 in the original direction."""
     grads = {"w": jnp.full((10_000,), 1e37, jnp.float32)}
     tx = gradclip_jax.clip_by_global_norm(1.0)
     out, _ = jax.jit(tx.update)(grads, tx.init(grads))
