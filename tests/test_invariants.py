@@ -720,8 +720,8 @@ def test_a_float32_norm_beyond_float32_max_is_clipped_to_the_threshold():
 
 _NORM_ABOVE_2_126 = (
     "a finite norm above 2**126 (~8.5e37) has a subnormal reciprocal, which XLA on CPU "
-    "flushes to zero. (a) Under jit the scale threshold / norm is flushed and the update "
-    "is zero; repro: jax.jit(gradclip_jax.clip_by_global_norm(1.0).update)({'w': "
+    "flushes to zero. (a) The scale threshold / norm is flushed and the update is zero "
+    "(eager and jit); repro: jax.jit(gradclip_jax.clip_by_global_norm(1.0).update)({'w': "
     "jnp.array([1e38])}, state) -> [0.] (expected [1.]). (b) Where norms of parts are "
     "combined (norm_of_norms divides by the largest: global norms of trees of several "
     "blocks when eager, per-example norms of several leaves under jit too) the norm "
