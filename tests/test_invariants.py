@@ -30,6 +30,9 @@ is a minimal reproduction.
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 from typing import Any
 
 import jax
@@ -588,20 +591,101 @@ def test_sharded_leaves_give_the_unsharded_result(name):
         assert_trees_close(a, b, f"{name}: sharded, update {i}", 1e-5)
 
 
+_PER_LEAF_AXES_COMPILE = (
+    "compile time and memory grow far faster than the number of leaves where every "
+    "leaf is reduced over its own axes (AGC's unit norms, per-example norms): on 2 "
+    "CPU cores, agc 200 leaves 21 s, 400 leaves 70 s and 7.7 GB; dp_aggregate 200 "
+    "leaves 18 s and 1.8 GB, 400 leaves 149 s and 7.9 GB (clip_by_leaf_norm: 1,000 "
+    "leaves in ~20 s); repro: jax.jit(gradclip_jax.agc(0.1).update).lower(t, s, t)"
+    ".compile() with t = {f'l{i}': jnp.ones(i % 7 + 1) for i in range(400)}"
+)
+# Each runs in a child process with a time and memory limit, as it would not finish.
+_SLOW_TO_COMPILE = {"agc", "dp_aggregate", "dp_aggregate_adaptive"}
+_CHILD_SECONDS, _CHILD_BYTES = 60, 6 * 2**30
+
+_THOUSAND_CHILD = f"""
+import resource
+import sys
+resource.setrlimit(resource.RLIMIT_AS, ({_CHILD_BYTES}, {_CHILD_BYTES}))
+import jax
+jax.config.update("jax_numpy_rank_promotion", "raise")
+from _invariant_cases import CASES, SPECS, check_step, fill, params_like, spec_for
+case = CASES[sys.argv[1]]
+spec = spec_for(case, SPECS["thousand"])
+grads = fill(spec, "clean")
+params = params_like(grads, case)
+tx = case.make()
+init = tx.init(params)
+out, state = jax.jit(tx.update)(grads, init, params)
+check_step(case, grads, params, init, out, state, init)
+"""
+
+
+class CompileBudgetExceeded(Exception):
+    """The child process ran out of time or memory (and not into another error)."""
+
+
+def _compile_in_child(name: str) -> None:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(__file__), env.get("PYTHONPATH", "")])
+    try:
+        child = subprocess.run(
+            [sys.executable, "-c", _THOUSAND_CHILD, name],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=_CHILD_SECONDS,
+        )
+    except subprocess.TimeoutExpired as e:
+        raise CompileBudgetExceeded(f"{name}: not compiled within {_CHILD_SECONDS} s") from e
+    if child.returncode and any(
+        sign in child.stderr for sign in ("bad_alloc", "MemoryError", "RESOURCE_EXHAUSTED")
+    ):
+        raise CompileBudgetExceeded(f"{name}: out of memory: {child.stderr[-500:]}")
+    assert child.returncode == 0, child.stderr[-3000:]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(
+            n,
+            marks=pytest.mark.xfail(
+                strict=True, raises=CompileBudgetExceeded, reason=_PER_LEAF_AXES_COMPILE
+            )
+            if n in _SLOW_TO_COMPILE
+            else (),
+        )
+        for n in NAMES
+    ],
+)
 def test_a_thousand_leaves(name):
-    """1,000 small float32 and bfloat16 leaves: invariants and no retracing."""
+    """1,000 small float32 and bfloat16 leaves: invariants and no retracing. (The
+    transformations that compile too slowly run in a child process that must finish
+    within a minute and 6 GiB.)"""
     case = CASES[name]
+    if name in _SLOW_TO_COMPILE:
+        _compile_in_child(name)
+        return
     tx = case.make()
     grads_seq, params = sequence(case, "thousand", ("clean", "nan", "huge"))
     run(case, tx, Jitted(tx.update), grads_seq, params)
+
+
+@pytest.mark.slow
+def test_the_child_process_passes_a_thousand_leaves_of_a_global_clipper():
+    """The control of the child process above: it passes where compiling is quick."""
+    _compile_in_child("clip_by_global_norm")
 
 
 # ------------------------------------------------------------------ the known items
 
 
 def test_raise_policy_under_vmap_over_states_is_quiet_on_clean_steps():
+    """Once fixed: under vmap the cond around the error callback becomes a select, so
+    the callback runs on every step; it must raise only where some state is bad, and
+    name the bad leaf."""
     tx = gradclip_jax.on_nonfinite(optax.sgd(0.1), policy="raise")
     params = {"w": jnp.zeros(3), "b": jnp.zeros(2)}
     states = jax.vmap(lambda _: tx.init(params))(jnp.arange(4))
@@ -623,6 +707,8 @@ def test_raise_policy_under_vmap_over_states_is_quiet_on_clean_steps():
     "clip_by_global_norm(1.0).update({'w': jnp.full((10_000,), 1e37)}, state) -> zeros",
 )
 def test_a_float32_norm_beyond_float32_max_is_clipped_to_the_threshold():
+    """Finite entries whose norm (1e39) exceeds float32's maximum: a nonzero update of
+    norm 1 in the original direction."""
     grads = {"w": jnp.full((10_000,), 1e37, jnp.float32)}
     tx = gradclip_jax.clip_by_global_norm(1.0)
     out, _ = jax.jit(tx.update)(grads, tx.init(grads))
@@ -634,8 +720,8 @@ def test_a_float32_norm_beyond_float32_max_is_clipped_to_the_threshold():
 
 _NORM_ABOVE_2_126 = (
     "a finite norm above 2**126 (~8.5e37) has a subnormal reciprocal, which XLA on CPU "
-    "flushes to zero. (a) Under jit the scale threshold / norm is flushed and the update "
-    "is zero; repro: jax.jit(gradclip_jax.clip_by_global_norm(1.0).update)({'w': "
+    "flushes to zero. (a) The scale threshold / norm is flushed and the update is zero "
+    "(eager and jit); repro: jax.jit(gradclip_jax.clip_by_global_norm(1.0).update)({'w': "
     "jnp.array([1e38])}, state) -> [0.] (expected [1.]). (b) Where norms of parts are "
     "combined (norm_of_norms divides by the largest: global norms of trees of several "
     "blocks when eager, per-example norms of several leaves under jit too) the norm "
