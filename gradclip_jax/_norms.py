@@ -224,6 +224,8 @@ def _all_finite(values: Sequence[jax.Array], flat: jax.Array | None) -> jax.Arra
 def power_sums(arrays, power, axes=None, keepdims=False, axis_name=None) -> Sums:
     """The sums of ``|x|^power`` (1 or 2) of each array over its ``axes``, rescued on
     overflow by one ``lax.cond`` that the common path does not pay for."""
+    if not arrays:
+        return Sums([], [], None, None, {})
     axes = [None] * len(arrays) if axes is None else axes
     # One (factor, inverse) pair per accumulation dtype: each is an optimisation barrier,
     # and a barrier per leaf would split XLA's fusions (and its compile time) per leaf.
@@ -287,7 +289,9 @@ def pair_scale(mantissa: jax.Array, inverse: jax.Array, limit: Any) -> jax.Array
     finite limit, and ``limit / mantissa`` stays a normal number.
     """
     limit = jnp.asarray(limit, mantissa.dtype)
-    beyond = inverse < 1
+    # A NaN or infinite part elsewhere in the tree makes the mantissa non-finite: then
+    # the plain rules hold (NaN: unchanged, x * inverse / inverse; inf: scale 0).
+    beyond = (inverse < 1) & jnp.isfinite(mantissa)
     over = jnp.where(beyond, limit < jnp.inf, mantissa > limit)
     return jnp.where(over, limit / jnp.where(over, mantissa, 1), 1 / inverse)
 
@@ -412,7 +416,9 @@ def tree_norm_pair(leaves: Sequence[jax.Array], ord: float, axis_name: Any = Non
         inverse = jnp.minimum(inverse, i.astype(wide))
     # Every part in the units of the smallest inverse (exact powers of two).
     parts = [m.astype(wide) * (inverse / i.astype(wide)) for m, i in pairs]
-    return norm_of_norms(stack_scalars(parts), ord), inverse
+    mantissa = norm_of_norms(stack_scalars(parts), ord)
+    # A NaN or inf elsewhere: plain units, so that no entry is scaled by 2^-k for nothing.
+    return mantissa, jnp.where(jnp.isfinite(mantissa), inverse, jnp.ones((), wide))
 
 
 def tree_norm(leaves: Sequence[jax.Array], ord: float, axis_name: Any = None) -> jax.Array:
