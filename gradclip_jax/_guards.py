@@ -487,7 +487,8 @@ def on_nonfinite(
     raises ``FloatingPointError``, which reaches the caller as a
     ``jax.errors.JaxRuntimeError`` (a ``RuntimeError``) carrying the same message, when
     the step's results are computed, eagerly and under ``jit`` alike (a bare
-    ``FloatingPointError`` only under ``jax.disable_jit()``; docs/numerics.md). As a second line of defence the step is skipped.
+    ``FloatingPointError`` only under ``jax.disable_jit()``; docs/numerics.md). As a
+    second line of defence the step is skipped.
 
     **max_consecutive.** With ``max_consecutive=N``, up to ``N`` consecutive bad steps
     are handled by the policy; the next one *raises* (as above) instead of being
