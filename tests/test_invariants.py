@@ -651,8 +651,10 @@ def _compile_in_child(name: str) -> None:
     [
         pytest.param(
             n,
+            # agc's compile now fits the budget on a quiet machine (one reduction, one
+            # scalar kernel and the multiply per leaf) but not always under load.
             marks=pytest.mark.xfail(
-                strict=True, raises=CompileBudgetExceeded, reason=_PER_LEAF_AXES_COMPILE
+                strict=n != "agc", raises=CompileBudgetExceeded, reason=_PER_LEAF_AXES_COMPILE
             )
             if n in _SLOW_TO_COMPILE
             else (),
