@@ -274,13 +274,11 @@ def _leaf_scalers(leaves, ctx):
         return scalers, (vector, jnp.ones_like(vector))
     sums = power_sums(leaves, ctx.ord, axis_name=ctx.axis_name)
     scalers = [partial(sums.scale, r, f, ctx.ord) for r, f in zip(sums.raw, sums.rescued)]
-    if len({r.dtype for r in sums.raw}) > 1:  # rescaled by different powers of two
+    if sums.raw_flat is None:  # sharded, or several dtypes: per leaf, then stacked
         pairs = sums.pairs(ctx.ord)
         wide = jnp.result_type(*(m for m, _ in pairs))
         return scalers, tuple(stack_scalars([p[k].astype(wide) for p in pairs]) for k in (0, 1))
-    raw = stack_scalars(sums.raw) if sums.raw_flat is None else sums.raw_flat
-    rescued = stack_scalars(sums.rescued) if sums.rescued_flat is None else sums.rescued_flat
-    return scalers, sums.pair(raw, rescued, ctx.ord)
+    return scalers, sums.pair(sums.raw_flat, sums.rescued_flat, ctx.ord)
 
 
 def _plain_scale(norm, limit):
@@ -343,8 +341,7 @@ def _unit_parts(sums, grads, params):
     one vector each, or per leaf when the leaves are sharded (never concatenated)."""
     if not grads:
         return []
-    mixed = len({r.dtype for r, _ in grads} | {p[0].dtype for p in params}) > 1
-    if sums.raw_flat is None or mixed:  # sharded, or rescaled by different powers of two
+    if sums.raw_flat is None:  # sharded, or several dtypes: per leaf
         return [(*sums.pair(r, f, 2), (r, f), p) for (r, f), p in zip(grads, params)]
     flat = [stack_scalars([g[k] for g in grads]) for k in (0, 1)]
     p_flat = [stack_scalars([p[k] for p in params]) for k in (0, 1)]

@@ -184,7 +184,8 @@ class Sums(NamedTuple):
     except on a step where some sum is not finite, when every sum is recomputed with
     the values scaled by ``2^-k`` (``k`` per accumulation dtype). ``raw_flat`` and
     ``rescued_flat`` are the same values as one vector each (``None`` when the arrays
-    are sharded over a mesh, which a concatenation would gather).
+    are sharded over a mesh, which a concatenation would gather, or when they have
+    several accumulation dtypes, rescaled by different powers of two).
     """
 
     raw: list
@@ -254,6 +255,8 @@ def power_sums(arrays, power, axes=None, keepdims=False, axis_name=None) -> Sums
     rescued, rescued_flat = lax.cond(
         _all_finite(raw, raw_flat), lambda raw: raw, rescue, (raw, raw_flat)
     )
+    if len(scales) > 1:  # rescaled by different powers of two: one vector cannot be read
+        raw_flat = rescued_flat = None
     return Sums(raw, rescued, raw_flat, rescued_flat, scales)
 
 
