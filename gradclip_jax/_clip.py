@@ -286,6 +286,10 @@ def _plain_scale(norm, limit):
 
 
 def _clip_leaves(fn, rule, state, leaves, ctx):
+    if not leaves:  # nothing to clip (e.g. optax.masked with an all-False mask)
+        zero = jnp.zeros((), jnp.float32)
+        thresholds, _ = _leaf_thresholds(fn, rule, state, zero[None], zero, ctx)
+        return [], state, Measured(zero, jnp.max(thresholds), zero, zero)
     scalers, (mantissas, inverses) = _leaf_scalers(leaves, ctx)
     norms = mantissas / inverses
     total = norm_of_norms(norms, ctx.ord)
@@ -398,7 +402,9 @@ def clipper(
     def init_fn(params):
         rule_state = initial_rule_state(fn, rule)
         if granularity == "leaf" and jax.tree.leaves(rule_state):
-            n = len(inexact_leaves(params))
+            # A tree without float leaves keeps one unused row: Orbax cannot save
+            # zero-size arrays, and the update reads the row's threshold for its record.
+            n = max(len(inexact_leaves(params)), 1)
             rule_state = jax.tree.map(lambda x: jnp.repeat(x[None], n, axis=0), rule_state)
         return ClipState(rule_state, NamedStats(name, ClipStats.initial()))
 

@@ -394,9 +394,9 @@ class OnNonfiniteState(NamedTuple):
 
 def _any_nonfinite(leaves: list[jax.Array], axis_name: Any) -> jax.Array:
     """True when some entry of some leaf is NaN or infinite (on any device of the axis)."""
-    if not leaves:
-        return jnp.asarray(False)
     flags = [jnp.any(~jnp.isfinite(b)) for b in blocks_of(leaves)]
+    if not flags:  # no leaf, or only zero-size ones (which blocks_of drops)
+        flags = [jnp.asarray(False)]
     bad = jnp.any(jnp.stack(flags)).astype(jnp.int32)
     return collective(bad, "max", axis_name) > 0
 

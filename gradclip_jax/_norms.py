@@ -124,7 +124,8 @@ def maxima(arrays: Sequence[jax.Array], elementwise: Callable[[jax.Array], jax.A
     if not values or not jnp.issubdtype(values[0].dtype, jnp.inexact):
         return [_max(v) for v in values]
     largest = [jnp.max(v, initial=0) for v in values]
-    nonfinite = jnp.isnan(stack_scalars([jnp.sum(a - a) for a in arrays]))
+    # One flag per array (the arrays' dtypes may not promote: float8 beside float32).
+    nonfinite = stack_scalars([jnp.isnan(jnp.sum(a - a)) for a in arrays])
 
     def with_nan(largest):
         return [

@@ -267,27 +267,18 @@ def test_float8_values_under_jit(spec, name):
 
 # -------------------------------------------------------------------------- trees
 
-_NO_FLOATS = (
-    "ValueError: Need at least one array to concatenate (_clip_leaves -> "
-    "stack_scalars([])); repro: tx = gradclip_jax.clip_by_leaf_norm(1.0); "
-    "tx.update({}, tx.init({})). Global clippers pass such trees through; optax.masked "
-    "with an all-False mask hands the inner transformation exactly this"
-)
-_ONLY_ZERO_SIZE = (
-    "ValueError: Need at least one array to stack (_any_nonfinite: blocks_of drops "
-    "zero-size leaves, then jnp.stack([])); repro: tx = gradclip_jax.on_nonfinite("
-    "optax.sgd(1.0)); p = {'e': jnp.zeros((0,))}; tx.update(p, tx.init(p), p)"
-)
+# Once failures, now regression cases: leaf clippers on a tree without float leaves
+# ("Need at least one array to concatenate"; optax.masked with an all-False mask hands
+# the inner transformation exactly this), and on_nonfinite on a tree whose float leaves
+# are all zero-size ("Need at least one array to stack").
 
 
 def _tree_params():
     params = []
-    xfail = {n: f"leaf granularity, no float leaf: {_NO_FLOATS}" for n in LEAF_GRANULARITY}
-    params += over(None, NOT_DP, xfail, prefix=("empty_tree",))
+    params += over(None, NOT_DP, prefix=("empty_tree",))
     for spec in ("none_leaves", "int_bool_only"):
-        params += over(FAST["no_floats"], NOT_DP, xfail, prefix=(spec,))
-    xfail = {n: f"only empty float leaves: {_ONLY_ZERO_SIZE}" for n in ON_NONFINITE}
-    params += over(FAST["zero_size"], NAMES, xfail, prefix=("zero_size",))
+        params += over(FAST["no_floats"], NOT_DP, prefix=(spec,))
+    params += over(FAST["zero_size"], NAMES, prefix=("zero_size",))
     params += over(FAST["scalars"], NAMES, prefix=("scalars",))
     return params
 
@@ -558,14 +549,10 @@ def test_orbax_round_trip_of_a_fresh_state(make, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="adaptive_clip(granularity='leaf').init({}) (and adagc().init({})) hold "
-    "zero-size arrays (one row per float leaf, none here), which Orbax refuses: "
-    "ValueError: Cannot save arrays with zero size: rule_state.count",
-)
 @pytest.mark.parametrize("name", ["adaptive_clip_leaf", "adagc"])
 def test_orbax_round_trip_of_a_leaf_state_for_a_tree_without_floats(name, tmp_path):
+    """Once "Cannot save arrays with zero size: rule_state.count": one row per float
+    leaf, none here; such a state now keeps one unused row."""
     ocp = pytest.importorskip("orbax.checkpoint")
     tx = CASES[name].make()
     init = tx.init({})
@@ -783,15 +770,6 @@ def test_per_example_clip_clips_an_example_near_float32_max(mode):
     assert norm64(inexact(total)) <= 2 * (1 + 1e-6)
 
 
-_LINF_FLOAT8 = (
-    "the L-infinity norm of a tree with a float8 leaf beside any other float dtype "
-    "raises TypePromotionError (maxima() stacks each leaf's sum(a - a) in the leaf's "
-    "own dtype); repro: gradclip_jax.clip_by_value(0.5).update({'a': jnp.ones(3, "
-    "ml_dtypes.float8_e4m3fn), 'b': jnp.ones(2)}, state)"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=_LINF_FLOAT8)
 @pytest.mark.parametrize(
     "make",
     [
@@ -801,6 +779,8 @@ _LINF_FLOAT8 = (
     ],
 )
 def test_linf_clipping_of_float8_beside_other_floats(make):
+    """Once TypePromotionError: maxima() stacked each leaf's sum(a - a) in the leaf's
+    own dtype, and float8 does not promote with float32."""
     tree = fill(SPECS["float8_mixed"], "clean")
     tx = make()
     out, state = jax.jit(tx.update)(tree, tx.init(tree))
@@ -877,10 +857,10 @@ _SHAPES = [(), (1,), (3,), (2, 3), (0, 2), (2, 2, 2)]
 @st.composite
 def _drawn_spec(draw):
     """A drawn transformation and tree layout: 1-4 leaves of drawn shapes and dtypes (a
-    float8 tree has one float8 dtype: see _LINF_FLOAT8), and a None leaf."""
+    float8 tree has one float8 dtype beside the others), and a None leaf."""
     name = draw(st.sampled_from(NAMES))
     float8 = draw(st.sampled_from([None, None, *_FLOAT8]))
-    dtypes = [float8] if float8 is not None else _DTYPES
+    dtypes = [float8, *_DTYPES] if float8 is not None else _DTYPES
     spec = {
         f"l{i}": (draw(st.sampled_from(_SHAPES)), jnp.dtype(draw(st.sampled_from(dtypes))))
         for i in range(draw(st.integers(1, 4)))
