@@ -373,6 +373,18 @@ def stack_scalars(values: Sequence[jax.Array]) -> jax.Array:
     return lax.optimization_barrier(flat)
 
 
+def ratio(num: jax.Array, den: jax.Array) -> jax.Array:
+    """``num / den`` for ``0 <= num <= den`` up to float32's maximum.
+
+    XLA may divide as ``num * (1 / den)``, and ``1 / den`` is subnormal (flushed to 0
+    on CPU, eagerly) for ``den`` above 2^126, which made ``2e38 / 2e38`` zero. Both
+    sides are scaled by 2^-100 first (exact; a ``num`` that this flushes is below
+    2^-126 of ``den`` and its ratio rounds away anyway).
+    """
+    shrink = jnp.where(den > 2.0**100, 2.0**-100, 1).astype(den.dtype)
+    return (num * shrink) / (den * shrink)
+
+
 def norm_of_norms(norms: jax.Array, ord: float = 2, axis: int | None = None) -> jax.Array:
     """The norm of a whole from the norms of its parts (along ``axis``), without overflow."""
     if norms.size == 0:
@@ -386,7 +398,7 @@ def norm_of_norms(norms: jax.Array, ord: float = 2, axis: int | None = None) -> 
     # division is cheap, and no barrier splits the surrounding fusions).
     largest = _max(norms, axis)
     unit = jnp.where((largest > 0) & jnp.isfinite(largest), largest, 1)
-    ratios = norms / (unit if axis is None else jnp.expand_dims(unit, axis))
+    ratios = ratio(norms, unit if axis is None else jnp.expand_dims(unit, axis))
     return jnp.where(
         jnp.isfinite(largest), unit * _root(jnp.sum(ratios * ratios, axis=axis), 2), largest
     )

@@ -38,7 +38,7 @@ import optax
 from jax import lax
 
 from gradclip_jax import rules
-from gradclip_jax._clip import clip_scale, initial_rule_state
+from gradclip_jax._clip import initial_rule_state
 from gradclip_jax._norms import (
     accumulation_dtype,
     global_norm,
@@ -100,30 +100,39 @@ class _Clipped(NamedTuple):
     leaf_clipped: list[jax.Array]  # per leaf, examples scaled down (int32); [] if global
 
 
+def _example_scale(norm: jax.Array, limit: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(s, inverse, over)``: ``x * inverse * s == x * min(1, limit / norm)`` per
+    example, ``over`` where it is scaled down. Above 2^100 the norm is applied in two
+    factors, as everywhere in the library: ``limit / norm`` alone would be subnormal for
+    norms near float32's maximum and flush the example to zero instead of clipping it."""
+    inverse = jnp.where(norm > 2.0**100, 2.0**-100, 1).astype(norm.dtype)
+    limit = jnp.asarray(limit, norm.dtype)
+    over = norm > limit
+    return jnp.where(over, limit / jnp.where(over, norm * inverse, 1), 1 / inverse), inverse, over
+
+
 def _clip_and_sum(leaves, max_norm, granularity, uniform) -> _Clipped:
     norms = per_example_norms(leaves, granularity)
     if granularity == "global":
-        scales = [clip_scale(norms[0], max_norm)] * len(leaves)
+        scales = [_example_scale(norms[0], max_norm)] * len(leaves)
         total = norms[0]
     else:
-        scales = [clip_scale(n, c) for n, c in zip(norms, _leaf_limits(leaves, max_norm, uniform))]
+        limits = _leaf_limits(leaves, max_norm, uniform)
+        scales = [_example_scale(n, c) for n, c in zip(norms, limits)]
         # The examples' global norms from their leaves' norms, without overflowing.
         wide = jnp.result_type(*norms)
         total = norm_of_norms(jnp.stack([n.astype(wide) for n in norms]), 2, axis=0)
     # A scaled sum over the batch, not a contraction: XLA reads the same values, and a
     # batch axis sharded across devices needs no output sharding to be chosen.
-    sums = [
-        jnp.sum(
-            x.astype(wide_dtype(x.dtype))
-            * scale.astype(accumulation_dtype(x.dtype)).reshape((-1,) + (1,) * (x.ndim - 1)),
-            axis=0,
-        )
-        for x, scale in zip(leaves, scales)
-    ]
+    sums = []
+    for x, (scale, inverse, _) in zip(leaves, scales):
+        acc, batch_shape = accumulation_dtype(x.dtype), (-1,) + (1,) * (x.ndim - 1)
+        factors = [f.astype(acc).reshape(batch_shape) for f in (inverse, scale)]
+        sums.append(jnp.sum(x.astype(wide_dtype(x.dtype)) * factors[0] * factors[1], axis=0))
     if granularity == "global":
-        return _Clipped(sums, total, scales[0] < 1, [])
-    clipped = jnp.any(jnp.stack([s < 1 for s in scales]), axis=0)
-    return _Clipped(sums, total, clipped, [jnp.sum(s < 1).astype(jnp.int32) for s in scales])
+        return _Clipped(sums, total, scales[0][2], [])
+    clipped = jnp.any(jnp.stack([over for _, _, over in scales]), axis=0)
+    return _Clipped(sums, total, clipped, [jnp.sum(o).astype(jnp.int32) for _, _, o in scales])
 
 
 def per_example_clip(
@@ -246,14 +255,16 @@ def _gaussian(key: jax.Array, like: jax.Array) -> jax.Array:
     return noise * math.sqrt(2) if jnp.iscomplexobj(like) else noise
 
 
-def _clipped_totals(leaves, clip_norm, granularity, uniform, axis_name):
-    """The batch's clipped sums, clipped and unclipped counts and norm sum (all devices)."""
+def _clipped_totals(leaves, clip_norm, granularity, uniform, axis_name, batch):
+    """The batch's clipped sums, clipped and unclipped counts and mean norm (all devices;
+    ``batch`` counts the examples of all of them). The mean is a sum of ``norm / batch``:
+    a sum of norms near float32's maximum would overflow."""
     clipped = _clip_and_sum(leaves, clip_norm, granularity, uniform)
     totals = (
         clipped.sums,
         jnp.sum(clipped.example_clipped).astype(jnp.float32),
         jnp.sum(clipped.norms <= clip_norm).astype(jnp.float32),
-        jnp.sum(clipped.norms),
+        jnp.sum(clipped.norms / batch),
     )
     return totals if axis_name is None else lax.psum(totals, axis_name)
 
@@ -450,8 +461,8 @@ def dp_aggregate(
         if axis_name is not None:
             batch = batch * lax.psum(1, axis_name)
         clip_norm = state.rule_state.threshold if adaptive else jnp.asarray(max_norm, jnp.float32)
-        totals = _clipped_totals(leaves, clip_norm, granularity, uniform, axis_name)
-        sums, clipped_count, unclipped, norm_sum = totals
+        totals = _clipped_totals(leaves, clip_norm, granularity, uniform, axis_name, batch)
+        sums, clipped_count, unclipped, norm_mean = totals
 
         key = jax.random.wrap_key_data(state.rng_key, **impl)
         new_key, *keys = jax.random.split(key, len(leaves) + 1 + adaptive)
@@ -473,7 +484,7 @@ def dp_aggregate(
             )
         stats = state.stats.replace(
             state.stats.record.advance(
-                norm_sum / batch, clip_norm, global_norm(out), clipped_count / batch
+                norm_mean, clip_norm, global_norm(out), clipped_count / batch
             )
         )
         return out, DPAggregateState(jax.random.key_data(new_key), rule_state, stats)

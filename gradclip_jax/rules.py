@@ -69,6 +69,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from gradclip_jax._norms import ratio
 from gradclip_jax._validate import (
     check_choice,
     check_count,
@@ -817,7 +818,7 @@ class AdaGC(_Validated):
         # A block whose norm is beyond the float32 range (the global one is too) takes
         # the whole budget; the others' shares are then 0.
         share = _f32(self.abs_max) * jnp.where(
-            jnp.isinf(norm), 1, jnp.where(positive, norm / jnp.where(positive, global_norm, 1), 1)
+            jnp.isinf(norm), 1, jnp.where(positive, ratio(norm, jnp.where(positive, global_norm, 1)), 1)
         )
         threshold = jnp.where(warm, share, _f32(self.relative) * state.gamma)
         clipped = jnp.minimum(norm, threshold)

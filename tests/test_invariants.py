@@ -701,32 +701,19 @@ def test_a_float32_norm_beyond_float32_max_is_clipped_to_the_threshold():
     np.testing.assert_allclose(w, np.full(10_000, 1e-2), rtol=1e-6)  # the direction
 
 
-_NORM_ABOVE_2_126 = (
-    "a finite norm above 2**126 (~8.5e37) has a subnormal reciprocal, which XLA on CPU "
-    "flushes to zero. (a) The scale threshold / norm is flushed and the update is zero "
-    "(eager and jit); repro: jax.jit(gradclip_jax.clip_by_global_norm(1.0).update)({'w': "
-    "jnp.array([1e38])}, state) -> [0.] (expected [1.]). (b) Where norms of parts are "
-    "combined (norm_of_norms divides by the largest: global norms of trees of several "
-    "blocks when eager, per-example norms of several leaves under jit too) the norm "
-    "comes out 0 and the update is not clipped at all; repro: gradclip_jax.global_norm("
-    "{'a': jnp.array([2e38, 0.0]), 'b': jnp.ones(1, jnp.bfloat16)}) -> 0.0, and "
-    "clip_by_global_norm(1.0).update of that tree (eager) returns it unclipped"
-)
+# A finite norm above 2**126 (~8.5e37) has a subnormal reciprocal, which XLA on CPU
+# flushes to zero: once the update came out zero (threshold / norm flushed), or unclipped
+# where norms of parts were combined (norm_of_norms divided by the largest, eagerly), and
+# adagc's warm-up share, per_example_clip's scale and dp_aggregate's mean norm too.
 
 
 def _near_max_params() -> list:
     """(tree, mode, name): one block or several (the mixed tree), jit or eager."""
-    # Global clippers clip such norms in two factors (docs/numerics.md); still open:
-    # adagc and dp_aggregate, and per-leaf / per-unit clippers when run eagerly.
-    still_open = ("adagc", "dp_aggregate", "dp_aggregate_adaptive")
-    eager_open = ("clip_by_leaf_norm", "clip_by_block_rms", "agc", "adaptive_clip_leaf")
     params = []
     for tree in ("f32", "mixed"):
         for mode in ("jit", "eager"):
             fast = FAST["near_max"].get((tree, mode), ())
-            names = still_open + (eager_open if mode == "eager" else ())
-            xfail = {n: _NORM_ABOVE_2_126 for n in names}
-            params += over(fast, NAMES, xfail, prefix=(tree, mode))
+            params += over(fast, NAMES, prefix=(tree, mode))
     return params
 
 
@@ -756,10 +743,10 @@ def test_global_norm_of_several_blocks_near_float32_max(mode):
     np.testing.assert_allclose(float(norm(tree)), 2e38, rtol=1e-6)
 
 
-@pytest.mark.xfail(strict=True, reason=_NORM_ABOVE_2_126)
 @pytest.mark.parametrize("mode", ["eager", "jit"])
 def test_per_example_clip_clips_an_example_near_float32_max(mode):
-    """Else one example moves the sum without bound: DP's sensitivity is gone."""
+    """Else one example moves the sum without bound (DP's sensitivity is gone), or is
+    flushed to zero instead of clipped."""
     grads = {
         "a": jnp.array([[2e38, 0.0], [1.0, 0.0]], jnp.float32),
         "b": jnp.array([[0.5], [0.5]], jnp.float32),
@@ -768,6 +755,8 @@ def test_per_example_clip_clips_an_example_near_float32_max(mode):
     total, count = (clip if mode == "eager" else jax.jit(clip))(grads)
     assert int(count) == 2
     assert norm64(inexact(total)) <= 2 * (1 + 1e-6)
+    # Clipped *to* 1 in its own direction (not flushed to zero), plus the other example.
+    np.testing.assert_allclose(total["a"], [1 + 1 / 1.25**0.5, 0.0], rtol=1e-6)
 
 
 @pytest.mark.parametrize(
