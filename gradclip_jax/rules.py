@@ -817,9 +817,8 @@ class AdaGC(_Validated):
         positive = global_norm > 0
         # A block whose norm is beyond the float32 range (the global one is too) takes
         # the whole budget; the others' shares are then 0.
-        share = _f32(self.abs_max) * jnp.where(
-            jnp.isinf(norm), 1, jnp.where(positive, ratio(norm, jnp.where(positive, global_norm, 1)), 1)
-        )
+        part = jnp.where(positive, ratio(norm, jnp.where(positive, global_norm, 1)), 1)
+        share = _f32(self.abs_max) * jnp.where(jnp.isinf(norm), 1, part)
         threshold = jnp.where(warm, share, _f32(self.relative) * state.gamma)
         clipped = jnp.minimum(norm, threshold)
         # The paper's EMA absorbs the clipped norm: after a lasting rise it grows by
