@@ -247,21 +247,37 @@ def _key_data(seed: Any) -> jax.Array:
     return jax.random.key_data(jax.random.key(seed))
 
 
-def _gaussians(key: jax.Array, likes: list[jax.Array]) -> list[jax.Array]:
-    """Standard normal noise shaped like each of ``likes``, cut from one draw (one
-    random-number kernel, not one per leaf: per-leaf draws made the compile time grow
-    far faster than the number of leaves). Complex: each part has variance 1."""
-    if not likes:
-        return []
-    sizes = [x.size * (2 if jnp.iscomplexobj(x) else 1) for x in likes]
-    flat = jax.random.normal(key, (sum(sizes),), jnp.result_type(*(x.real.dtype for x in likes)))
-    noise, start = [], 0
-    for x, size in zip(likes, sizes):
-        part = lax.slice(flat, (start,), (start + size,))
-        if jnp.iscomplexobj(x):
-            part = lax.complex(part[: x.size], part[x.size :])
-        noise.append(part.reshape(x.shape).astype(x.dtype))
-        start += size
+def _gaussian(key: jax.Array, like: jax.Array) -> jax.Array:
+    """Standard normal noise shaped like ``like``; complex: each part has variance 1."""
+    noise = jax.random.normal(key, like.shape, like.dtype)
+    # jax draws complex normals with variance 1/2 per part; DP needs the full variance
+    # on each real coordinate.
+    return noise * math.sqrt(2) if jnp.iscomplexobj(like) else noise
+
+
+def _layout(x: jax.Array) -> Any:
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    return getattr(sharding, "spec", None)
+
+
+def _gaussians(keys: jax.Array, likes: list[jax.Array]) -> list[jax.Array]:
+    """``_gaussian(keys[i], likes[i])`` for every leaf, one draw per group of leaves of
+    the same shape, dtype and layout: the draws are ``vmap``-ed over the group's keys,
+    which gives the same numbers as one draw per leaf (as optax's) with one
+    random-number kernel per group. A kernel per leaf made compile time grow far faster
+    than the number of leaves."""
+    groups: dict[Any, list[int]] = {}
+    for i, x in enumerate(likes):
+        groups.setdefault((x.shape, x.dtype, _layout(x)), []).append(i)
+    noise: list[Any] = [None] * len(likes)
+    for members in groups.values():
+        like = likes[members[0]]
+        if len(members) == 1:
+            noise[members[0]] = _gaussian(keys[members[0]], like)
+            continue
+        draws = jax.vmap(lambda k, like=like: _gaussian(k, like))(keys[np.asarray(members)])
+        for j, i in enumerate(members):
+            noise[i] = draws[j]
     return noise
 
 
@@ -279,11 +295,11 @@ def _clipped_totals(leaves, clip_norm, granularity, uniform, axis_name, batch):
     return totals if axis_name is None else lax.psum(totals, axis_name)
 
 
-def _noised_means(sums, key, leaves, noise_std, batch):
+def _noised_means(sums, keys, leaves, noise_std, batch):
     """Each clipped sum plus Gaussian noise of ``noise_std``, over the batch size."""
     return [
         ((s + noise_std.astype(s.real.dtype) * z) / batch).astype(x.dtype)
-        for s, z, x in zip(sums, _gaussians(key, sums), leaves)
+        for s, z, x in zip(sums, _gaussians(keys, sums), leaves)
     ]
 
 
@@ -359,9 +375,9 @@ def dp_aggregate(
     documentation) and returns the noised *mean* over the batch, like optax's
     ``contrib.differentially_private_aggregate``:
     ``(sum_i clip(g_i) + N(0, (z_r C)^2)) / batch``, one example's shape per leaf.
-    The noise of all leaves is cut from one draw (optax draws one per leaf, which makes
-    compile time grow far faster than the leaves), so the same key gives noise of the
-    same distribution as optax's, not the same numbers.
+    The same key gives the same noise as optax's; leaves of one shape, dtype and layout
+    share one ``vmap``-ed draw, so compile time grows with the number of distinct
+    shapes rather than of leaves.
     The batch size is the leading axis (times the devices along ``axis_name``), treated
     as public, as with fixed-size batches. Put it first in a chain; ``MultiSteps`` or
     ``apply_every`` around it would average noised means, not clip per example.
@@ -478,19 +494,20 @@ def dp_aggregate(
         sums, clipped_count, unclipped, norm_mean = totals
 
         key = jax.random.wrap_key_data(state.rng_key, **impl)
-        new_key, noise_key, count_key = jax.random.split(key, 3)
+        keys = jax.random.split(key, len(leaves) + 1 + adaptive)
+        new_key = keys[0]
         if adaptive:
             stddev = _count_stddev(fn, batch, noise_multiplier, clipped_count_stddev)
             multiplier = record_noise_multiplier(noise_multiplier, stddev)
         else:
             multiplier = jnp.asarray(noise_multiplier, jnp.float32)
         noise_std = jnp.where(multiplier > 0, multiplier * clip_norm, 0.0)  # 0 * inf is NaN
-        noised = _noised_means(sums, noise_key, leaves, noise_std, batch)
+        noised = _noised_means(sums, keys[1 : len(leaves) + 1], leaves, noise_std, batch)
         out = refill(updates, noised)
 
         rule_state = state.rule_state
         if adaptive:
-            count_noise = jnp.asarray(stddev, jnp.float32) * jax.random.normal(count_key, ())
+            count_noise = jnp.asarray(stddev, jnp.float32) * jax.random.normal(keys[-1], ())
             fraction = (unclipped + count_noise) / batch
             rule_state = rules.QuantileState(
                 rule.adjust(clip_norm, fraction).astype(state.rule_state.threshold.dtype)

@@ -581,7 +581,7 @@ def test_sharded_leaves_give_the_unsharded_result(name):
 # Once compile time and memory grew far faster than the leaves where every leaf is
 # reduced over its own axes, or draws its own noise (on 2 CPU cores: agc 400 leaves 70 s
 # and 7.7 GB; dp_aggregate 400 leaves 149 s and 7.9 GB). Now agc compiles 400 leaves in
-# about 7 s and dp_aggregate (one noise draw for all leaves) in about 11 s, 1,000 in 32 s
+# about 7 s and dp_aggregate (one noise draw per leaf shape) in about 12 s, 1,000 in 34 s
 # (optax's differentially_private_aggregate: 36 s at 400). dp_aggregate still runs in a
 # child process with a time and memory limit, so that a regression fails, not hangs.
 _SLOW_TO_COMPILE = {"dp_aggregate", "dp_aggregate_adaptive"}
