@@ -488,7 +488,12 @@ def on_nonfinite(
     ``jax.errors.JaxRuntimeError`` (a ``RuntimeError``) carrying the same message, when
     the step's results are computed, eagerly and under ``jit`` alike (a bare
     ``FloatingPointError`` only under ``jax.disable_jit()``; docs/numerics.md). As a
-    second line of defence the step is skipped.
+    second line of defence the step is skipped. The cost: a program that holds a host
+    callback is dispatched by JAX's slower path, about 9 microseconds per argument of
+    the jitted function per call on CPU (4.4 ms for 500 arrays, measured with jax
+    0.10), even on steps that never call it. So ``"raise"`` and ``max_consecutive``
+    suit debugging; ``"skip"`` and ``"zero"`` without ``max_consecutive`` hold no
+    callback and cost one read of the gradient.
 
     **max_consecutive.** With ``max_consecutive=N``, up to ``N`` consecutive bad steps
     are handled by the policy; the next one *raises* (as above) instead of being
