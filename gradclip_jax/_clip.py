@@ -287,6 +287,8 @@ def _plain_scale(norm, limit):
 
 def _clip_leaves(fn, rule, state, leaves, ctx):
     if not leaves:  # nothing to clip (e.g. optax.masked with an all-False mask)
+        if jax.tree.leaves(state) and jax.tree.leaves(state)[0].shape[0] != 1:
+            check_state_rows(fn, state, 0)  # built for float leaves that are gone
         zero = jnp.zeros((), jnp.float32)
         thresholds, _ = _leaf_thresholds(fn, rule, state, zero[None], zero, ctx)
         return [], state, Measured(zero, jnp.max(thresholds), zero, zero)

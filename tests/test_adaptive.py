@@ -377,6 +377,18 @@ def test_leaf_count_mismatch_is_explained():
         tx.update({"a": jnp.ones(2), "b": jnp.ones(2)}, state)
 
 
+def test_a_leaf_state_for_floats_meets_a_tree_without_them_and_says_so():
+    tx = gradclip_jax.adagc()
+    state = tx.init({"a": jnp.ones(2), "b": jnp.ones(2)})
+    with pytest.raises(ValueError, match="0 inexact leaves but the state was built for 2"):
+        tx.update({"a": None, "b": jnp.arange(2)}, state)
+    # A state built for a tree without float leaves (one unused row) takes one again.
+    empty = tx.init({"i": jnp.arange(2)})
+    out, after = jax.jit(tx.update)({"i": jnp.arange(2)}, empty)
+    assert jax.tree.map(lambda x: x.shape, after) == jax.tree.map(lambda x: x.shape, empty)
+    assert out["i"].dtype == jnp.arange(2).dtype
+
+
 # ---------------------------------------------------------------------------------------
 # Training with rare gradient spikes
 
