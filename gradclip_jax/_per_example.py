@@ -43,6 +43,7 @@ from gradclip_jax._norms import (
     accumulation_dtype,
     global_norm,
     norm_of_norms,
+    pair_scale,
     per_example_norms,
     wide_dtype,
 )
@@ -102,13 +103,14 @@ class _Clipped(NamedTuple):
 
 def _example_scale(norm: jax.Array, limit: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
     """``(s, inverse, over)``: ``x * inverse * s == x * min(1, limit / norm)`` per
-    example, ``over`` where it is scaled down. Above 2^100 the norm is applied in two
-    factors, as everywhere in the library: ``limit / norm`` alone would be subnormal for
-    norms near float32's maximum and flush the example to zero instead of clipping it."""
-    inverse = jnp.where(norm > 2.0**100, 2.0**-100, 1).astype(norm.dtype)
+    example (:func:`pair_scale`), ``over`` where it is scaled down. A norm above both the
+    limit and 2^100 is applied in two factors, as everywhere in the library:
+    ``limit / norm`` alone would be subnormal for norms near float32's maximum and flush
+    the example to zero instead of clipping it."""
     limit = jnp.asarray(limit, norm.dtype)
     over = norm > limit
-    return jnp.where(over, limit / jnp.where(over, norm * inverse, 1), 1 / inverse), inverse, over
+    inverse = jnp.where(over & (norm > 2.0**100), 2.0**-100, 1).astype(norm.dtype)
+    return pair_scale(norm * inverse, inverse, limit), inverse, over
 
 
 def _clip_and_sum(leaves, max_norm, granularity, uniform) -> _Clipped:
@@ -272,9 +274,6 @@ def _gaussians(keys: jax.Array, likes: list[jax.Array]) -> list[jax.Array]:
     noise: list[Any] = [None] * len(likes)
     for members in groups.values():
         like = likes[members[0]]
-        if len(members) == 1:
-            noise[members[0]] = _gaussian(keys[members[0]], like)
-            continue
         draws = jax.vmap(lambda k, like=like: _gaussian(k, like))(keys[np.asarray(members)])
         for j, i in enumerate(members):
             noise[i] = draws[j]
