@@ -127,6 +127,7 @@ def test_python_m_entry_point_is_the_cli():
     assert entry.main is main
 
 
+@pytest.mark.slow  # trains each model end to end
 @pytest.mark.parametrize(
     "cell, activation, recurrent_init, task, length",
     [

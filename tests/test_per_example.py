@@ -209,6 +209,7 @@ def test_fixed_norm_matches_optax_with_the_same_key():
         chex.assert_trees_all_close(out, expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_leaves_of_one_shape_share_a_draw_and_keep_optax_noise():
     """Leaves of one shape are drawn in one vmapped kernel: the noise is still optax's
     (one key per leaf, so no two leaves repeat each other), has the std z * C / batch,
@@ -367,6 +368,7 @@ def test_seed_forms_give_the_same_key():
     assert not np.array_equal(keys[0], other)
 
 
+@pytest.mark.slow  # an end-to-end example in a subprocess
 def test_dp_sgd_example_runs():
     # LLVM optimisations off: compiling is most of a short run's time.
     flags = os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
