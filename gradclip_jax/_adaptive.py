@@ -117,6 +117,8 @@ def autoclip(
     *,
     initial_threshold: float | jax.Array = 1.0,
     bound_factor: float | jax.Array = 4.0,
+    level_window: int | jax.Array | None = 32,
+    max_rise: float | jax.Array = 0.01,
     reference: bool = False,
     axis_name: Any = None,
     name: str | None = None,
@@ -127,9 +129,13 @@ def autoclip(
     ring buffer of ``history`` norms and how it differs from the reference's unbounded
     list once it wraps. By default the first step is clipped to ``initial_threshold``
     (in the reference it never clips, so an explosive first step passes whole), zero
-    norms are not stored, and a norm enters the history bounded at ``bound_factor``
+    norms are not stored, a norm enters the history bounded at ``bound_factor``
     times the previous threshold (so that norms explosive from the first step on do not
-    become the percentile at once); ``reference=True`` restores the reference's
+    become the percentile at once), the threshold rises by at most ``max_rise`` a step
+    (an explosion is faster than any drift), and the percentile is of the norms
+    relative to the median of the last ``level_window`` norms, times the current median
+    (so that a drift of the norms' level is followed within about ``level_window / 2``
+    steps, not ``0.9 * history``); ``reference=True`` restores the reference's
     semantics.
 
     Args:
@@ -138,6 +144,11 @@ def autoclip(
       initial_threshold: the threshold of the first step (no history yet), ``>= 0``.
       bound_factor: a norm enters the history bounded at this multiple of the
         previous threshold, ``>= 1``.
+      level_window: the number of recent norms whose median sets the level, ``>= 2``,
+        or ``None`` for the percentile of the raw norms (see
+        :func:`gradclip_jax.rules.percentile`).
+      max_rise: the threshold rises by at most this fraction a step, ``>= 0``
+        (``math.inf``: no limit).
       reference: ``True`` for AutoClip's exact semantics (first step unclipped).
       axis_name: mapped axis name under ``shard_map`` / ``pmap`` (see
         :func:`adaptive_clip`).
@@ -161,11 +172,21 @@ def autoclip(
       >>> for g in (3.0, 1.0, 2.0, 20.0):
       ...     _, state = tx.update(jnp.array([g, 0.0]), state, params)
       >>> logs = gradclip_jax.stats(state)
-      >>> print(f"{logs['autoclip/threshold']:.1f} {logs['autoclip/clip_count']}")  # 3.0 too
-      1.3 3
+      >>> # 3.0 (the first step, clipped to initial_threshold), 2.0 and 20.0 were clipped;
+      >>> # the threshold rises by at most max_rise (1%) a step
+      >>> print(f"{logs['autoclip/threshold']:.2f} {logs['autoclip/clip_count']}")
+      1.03 3
     """
     rule = rules.build(
-        "autoclip", rules.Percentile, p, history, initial_threshold, reference, bound_factor
+        "autoclip",
+        rules.Percentile,
+        p=p,
+        history=history,
+        initial_threshold=initial_threshold,
+        bound_factor=bound_factor,
+        level_window=level_window,
+        max_rise=max_rise,
+        reference=reference,
     )
     return clipper("autoclip", rule, "global", name=name, axis_name=axis_name)
 

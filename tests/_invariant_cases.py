@@ -116,7 +116,14 @@ def _cases() -> list[Case]:
             "autoclip",
             g.autoclip,
             "global",
-            hyper={"p": 50.0, "history": 8, "initial_threshold": 1.0, "bound_factor": 4.0},
+            hyper={
+                "p": 50.0,
+                "history": 8,
+                "initial_threshold": 1.0,
+                "bound_factor": 4.0,
+                "level_window": 4,
+                "max_rise": 0.05,
+            },
             stateful_rule=True,
         ),
         Case(

@@ -93,6 +93,55 @@ def test_percentile_matches_autoclip_reference(p, history):
     assert thresholds[0] == pytest.approx(norms[0])  # step 1 never clips
 
 
+def _percentile_default(norms, p, history, level_window, max_rise, initial=1.0, bound=4.0):
+    """The default (non-reference) percentile rule as its docstring defines it, float64."""
+    raw, ratios, thresholds, previous = [], [], [], initial
+
+    def level():
+        return np.median(raw[-min(level_window, len(raw)) :])
+
+    for n in norms:
+        cold = not raw
+        entered = min(n, bound * previous) if previous > 0 else n
+        if n > 0:  # zeros are not stored; both windows keep the last `history`
+            raw = (raw + [entered])[-history:]
+            ratio = entered / level() if level_window else entered
+            ratios = (ratios + [ratio])[-history:]
+        threshold = np.percentile(ratios, p) * (level() if level_window else 1.0)
+        if previous > 0:
+            threshold = min(threshold, previous * (1 + max_rise))
+        threshold = initial if cold else threshold
+        thresholds.append(threshold)
+        previous = threshold
+    return np.array(thresholds)
+
+
+@pytest.mark.parametrize(
+    "p, history, level_window, max_rise",
+    [(10.0, 8, 4, 0.05), (50.0, 1000, 32, math.inf), (10.0, 16, None, 0.01), (90.0, 5, 32, 0.2)],
+)
+def test_percentile_defaults_match_their_definition(p, history, level_window, max_rise):
+    # A level of the last `level_window` stored norms, the percentile of the norms
+    # relative to it, a rise limit, bounded and zero norms: on a sequence with spikes,
+    # a drift, a zero and a history that wraps.
+    norms = np.concatenate([NORMS, NORMS * np.geomspace(1.0, 5.0, len(NORMS))])
+    norms = norms.astype(np.float32).astype(np.float64)
+    expected = _percentile_default(norms, p, history, level_window, max_rise)
+    static = [("history", history), ("level_window", level_window)]
+    thresholds, clipped, _ = _run_global(rules.percentile, norms, static, p=p, max_rise=max_rise)
+    _check(thresholds, clipped, expected, norms)
+
+
+def test_percentile_threshold_rises_at_most_max_rise_a_step():
+    # Norms that stay explosive (x2 a step from 1e3) raise the threshold by 1% a step
+    # from initial_threshold, not by bound_factor; a fall is followed at once.
+    norms = np.concatenate([1e3 * 2.0 ** np.arange(40), np.full(40, 0.5)])
+    thresholds, clipped, _ = _run_global(rules.percentile, norms.astype(np.float32))
+    np.testing.assert_allclose(thresholds[:40], 1.01 ** np.arange(40), rtol=1e-5)
+    assert clipped[:40].max() <= 1.01**39 * (1 + 1e-6)
+    assert np.all(thresholds[50:] < 0.6)  # the level of 0.5, within tens of steps
+
+
 # ---------------------------------------------------------------------------------------
 # ZClip
 
@@ -378,6 +427,10 @@ def test_thresholds_are_never_negative_or_nan_and_zeros_stay_zero(magnitudes):
         (rules.percentile, {"history": 0}, "rules.percentile", "history"),
         (rules.percentile, {"history": 2.5}, "rules.percentile", "history"),
         (rules.percentile, {"bound_factor": 0.5}, "rules.percentile", "bound_factor"),
+        (rules.percentile, {"level_window": 1}, "rules.percentile", "level_window"),
+        (rules.percentile, {"level_window": 2.5}, "rules.percentile", "level_window"),
+        (rules.percentile, {"max_rise": -0.01}, "rules.percentile", "max_rise"),
+        (rules.percentile, {"max_rise": math.nan}, "rules.percentile", "max_rise"),
         (rules.zscore, {"cold_factor": 0.0}, "rules.zscore", "cold_factor"),
         (rules.zscore, {"initial_threshold": -1.0}, "rules.zscore", "initial_threshold"),
         (rules.zscore, {"reference": 1}, "rules.zscore", "reference"),
