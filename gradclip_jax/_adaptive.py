@@ -144,9 +144,9 @@ def autoclip(
       initial_threshold: the threshold of the first step (no history yet), ``>= 0``.
       bound_factor: a norm enters the history bounded at this multiple of the
         previous threshold, ``>= 1``.
-      level_window: the number of recent norms whose median sets the level, ``>= 2``,
-        or ``None`` for the percentile of the raw norms (see
-        :func:`gradclip_jax.rules.percentile`).
+      level_window: the number of recent norms whose median sets the level, ``>= 2``
+        (it sets the state's size), or ``None`` for the percentile of the raw norms
+        (see :func:`gradclip_jax.rules.percentile`).
       max_rise: the threshold rises by at most this fraction a step, ``>= 0``
         (``math.inf``: no limit).
       reference: ``True`` for AutoClip's exact semantics (first step unclipped).

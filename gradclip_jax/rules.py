@@ -236,9 +236,9 @@ class PercentileState(NamedTuple):
     position: jax.Array  # () int32, the slot the next norm is written to
     filled: jax.Array  # () int32, the number of norms stored, at most `history`
     threshold: jax.Array  # () float32, the previous step's threshold (initial_threshold)
-    # (history,) float32: the stored norms themselves, in the same slots ((1,) and
+    # (level_window,) float32: the last stored norms themselves, oldest first ((1,) and
     # unused with `level_window=None` or `reference=True`)
-    raw: jax.Array
+    recent: jax.Array
 
 
 def _percentile(values: jax.Array, used: jax.Array, count: jax.Array, q: Any) -> jax.Array:
@@ -252,6 +252,13 @@ def _percentile(values: jax.Array, used: jax.Array, count: jax.Array, q: Any) ->
     fraction = position - low.astype(jnp.float32)
     below, above = ordered[low], ordered[high]
     return jnp.where(fraction > 0, below + (above - below) * fraction, below)
+
+
+def _median_of_last(recent: jax.Array, filled: jax.Array) -> jax.Array:
+    """The median of the last ``min(filled, len(recent))`` entries of ``recent``."""
+    size = recent.shape[0]
+    count = jnp.minimum(filled, size)
+    return _percentile(recent, jnp.arange(size) >= size - count, count, 50.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -281,22 +288,16 @@ class Percentile(_Validated):
         return self.level_window is not None and not self.reference
 
     def init(self) -> PercentileState:
-        size = state_size("rules.percentile", "history", self.history)
+        fn = "rules.percentile"
+        size = state_size(fn, "history", self.history)
+        recent = state_size(fn, "level_window", self.level_window) if self._levelled else 1
         return PercentileState(
             jnp.zeros((size,), jnp.float32),
             jnp.zeros((), jnp.int32),
             jnp.zeros((), jnp.int32),
             _f32(self.initial_threshold),
-            jnp.zeros((size if self._levelled else 1,), jnp.float32),
+            jnp.zeros((recent,), jnp.float32),
         )
-
-    def _level(self, raw: jax.Array, position: jax.Array, filled: jax.Array) -> jax.Array:
-        """The median of the last ``min(level_window, filled)`` norms in ``raw``, the
-        newest in the slot before ``position``."""
-        size = raw.shape[0]
-        count = jnp.minimum(jnp.asarray(self.level_window, jnp.int32), filled)
-        age = (position - 1 - jnp.arange(size)) % size  # 0 for the newest
-        return _percentile(raw, age < count, count, 50.0)
 
     def step(self, state: PercentileState, norm: jax.Array, global_norm: jax.Array):
         del global_norm
@@ -309,16 +310,16 @@ class Percentile(_Validated):
         entered = norm if self.reference else jnp.minimum(norm, bound)
         position = (state.position + 1) % size
         filled = jnp.minimum(state.filled + 1, size)
-        raw = state.raw
+        recent = state.recent
         if self._levelled:
             # Stored relative to the median of the last `level_window` norms, so that
             # the percentile measures the spread around the current level, not a drift.
-            raw = raw.at[state.position].set(entered)
-            level = self._level(raw, position, filled)
+            recent = jnp.concatenate([recent[1:], entered[None]])
+            level = _median_of_last(recent, filled)
             # (safe division: no NaN derivative from the untaken branch)
             entered = jnp.where(level > 0, entered / jnp.where(level > 0, level, 1.0), 1.0)
         norms = state.norms.at[state.position].set(entered)
-        window = PercentileState(norms, position, filled, state.threshold, raw)
+        window = PercentileState(norms, position, filled, state.threshold, recent)
         if not self.reference:
             # A zero norm (a frozen or unused parameter) carries no scale: a history of
             # zeros would hold the threshold at 0.
@@ -327,7 +328,7 @@ class Percentile(_Validated):
         used = jnp.arange(size) < window.filled
         threshold = _percentile(window.norms, used, window.filled, self.p)
         if self._levelled:
-            level = self._level(window.raw, window.position, window.filled)
+            level = _median_of_last(window.recent, window.filled)
             threshold = threshold * jnp.where(window.filled > 0, level, 1.0)
         if not self.reference:
             # The threshold rises by at most `max_rise` a step: a drift is slower than
@@ -410,13 +411,13 @@ def percentile(
         previous threshold, ``>= 1``.
       level_window: the number of recent norms whose median is the level, an integer
         ``>= 2`` (at most ``history`` take part), or ``None`` for the percentile of
-        the raw norms (which halves the state).
+        the raw norms. A smaller window follows faster drifts and tolerates shorter
+        bursts of spikes: the median moves once half the window is spikes. Like
+        ``history`` it sets the state's size.
       max_rise: the threshold rises by at most this fraction a step, ``>= 0``
-        (``math.inf``: no limit). A smaller window follows faster drifts and
-        tolerates shorter bursts of spikes: the median moves once half the window is
-        spikes.
+        (``math.inf``: no limit).
       reference: ``True`` for the reference's exact semantics (no cold start, zeros
-        stored, no level).
+        stored, no level, no rise limit).
 
     Returns:
       A :class:`Percentile` rule for :func:`gradclip_jax.adaptive_clip`.

@@ -204,9 +204,14 @@ def test_state_size_under_a_jitted_injected_init():
     injected = optax.inject_hyperparams(gradclip_jax.autoclip)(history=16)
     with pytest.raises(ValueError, match=r"`history`.*static_args"):
         jax.jit(injected.init)(params)
-    static = optax.inject_hyperparams(gradclip_jax.autoclip, static_args=("history",))(history=16)
+    injected = optax.inject_hyperparams(gradclip_jax.autoclip, static_args=("history",))
+    with pytest.raises(ValueError, match=r"`level_window`.*static_args"):
+        jax.jit(injected(history=16).init)(params)
+    sizes = ("history", "level_window")
+    static = optax.inject_hyperparams(gradclip_jax.autoclip, static_args=sizes)(history=16)
     state = jax.jit(static.init)(params)
     assert state.inner_state.rule_state.norms.shape == (16,)
+    assert state.inner_state.rule_state.recent.shape == (32,)
 
 
 # ---------------------------------------------------------------------------------------

@@ -142,6 +142,20 @@ def test_percentile_threshold_rises_at_most_max_rise_a_step():
     assert np.all(thresholds[50:] < 0.6)  # the level of 0.5, within tens of steps
 
 
+def test_percentile_level_ignores_a_burst_of_spikes():
+    # 15 consecutive x100 norms are fewer than half of the level's 32: every one is
+    # clipped near the base, and the threshold afterwards is the threshold before. No
+    # rise limit: the level alone holds (with level_window=8 the burst passes at x50).
+    rng = np.random.default_rng(5)
+    norms = np.abs(1.0 + 0.05 * rng.standard_normal(1300))
+    norms[1000:1015] *= 100.0
+    norms = norms.astype(np.float32)
+    thresholds, clipped, _ = _run_global(rules.percentile, norms, max_rise=math.inf)
+    before = thresholds[990:1000].mean()
+    assert np.all(clipped[1000:1015] <= 1.2 * before)
+    np.testing.assert_allclose(thresholds[1100:1110].mean(), before, rtol=0.03)
+
+
 # ---------------------------------------------------------------------------------------
 # ZClip
 
