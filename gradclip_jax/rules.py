@@ -239,12 +239,14 @@ class PercentileState(NamedTuple):
     # (level_window,) float32: the last stored norms themselves, oldest first ((1,) and
     # unused with `level_window=None` or `reference=True`)
     recent: jax.Array
+    # (history,) float32: `norms[:filled]` in ascending order, then +inf, kept sorted by
+    # one removal and one insertion a step ((1,) and unused with `reference=True`)
+    ordered: jax.Array
 
 
-def _percentile(values: jax.Array, used: jax.Array, count: jax.Array, q: Any) -> jax.Array:
-    """The ``q``-th percentile of ``values[used]`` (``count`` of them, at least 1) with
-    ``np.percentile``'s default ("linear") interpolation between order statistics."""
-    ordered = jnp.sort(jnp.where(used, values, jnp.inf))
+def _interpolate(ordered: jax.Array, count: jax.Array, q: Any) -> jax.Array:
+    """The ``q``-th percentile of ``ordered[:count]`` (ascending; ``count`` at least 1)
+    with ``np.percentile``'s default ("linear") interpolation between order statistics."""
     count = jnp.maximum(count, 1)
     position = _f32(q) / 100 * (count - 1).astype(jnp.float32)
     low = jnp.floor(position).astype(jnp.int32)
@@ -252,6 +254,21 @@ def _percentile(values: jax.Array, used: jax.Array, count: jax.Array, q: Any) ->
     fraction = position - low.astype(jnp.float32)
     below, above = ordered[low], ordered[high]
     return jnp.where(fraction > 0, below + (above - below) * fraction, below)
+
+
+def _percentile(values: jax.Array, used: jax.Array, count: jax.Array, q: Any) -> jax.Array:
+    """The ``q``-th percentile of ``values[used]`` (``count`` of them, at least 1)."""
+    return _interpolate(jnp.sort(jnp.where(used, values, jnp.inf)), count, q)
+
+
+def _replace_sorted(ordered: jax.Array, old: jax.Array, new: jax.Array, full: jax.Array):
+    """``ordered`` (ascending, +inf padded) without one ``old`` (if ``full``) and with
+    ``new``: O(len) elementwise work instead of a sort."""
+    i = jnp.arange(ordered.shape[0])
+    shifted_left = jnp.concatenate([ordered[1:], jnp.full((1,), jnp.inf, ordered.dtype)])
+    kept = jnp.where(full & (i >= jnp.sum(ordered < old)), shifted_left, ordered)
+    at = jnp.sum(kept < new)
+    return jnp.where(i < at, kept, jnp.where(i == at, new, jnp.roll(kept, 1)))
 
 
 def _median_of_last(recent: jax.Array, filled: jax.Array) -> jax.Array:
@@ -297,6 +314,7 @@ class Percentile(_Validated):
             jnp.zeros((), jnp.int32),
             _f32(self.initial_threshold),
             jnp.zeros((recent,), jnp.float32),
+            jnp.full((1 if self.reference else size,), jnp.inf, jnp.float32),
         )
 
     def step(self, state: PercentileState, norm: jax.Array, global_norm: jax.Array):
@@ -319,14 +337,19 @@ class Percentile(_Validated):
             # (safe division: no NaN derivative from the untaken branch)
             entered = jnp.where(level > 0, entered / jnp.where(level > 0, level, 1.0), 1.0)
         norms = state.norms.at[state.position].set(entered)
-        window = PercentileState(norms, position, filled, state.threshold, recent)
-        if not self.reference:
+        window = PercentileState(norms, position, filled, state.threshold, recent, state.ordered)
+        if self.reference:
+            # Slots are filled in order before the buffer wraps: the used ones come first.
+            used = jnp.arange(size) < window.filled
+            threshold = _percentile(window.norms, used, window.filled, self.p)
+        else:
+            full = state.filled == size  # the slot written held the oldest norm
+            ordered = _replace_sorted(state.ordered, state.norms[state.position], entered, full)
+            window = window._replace(ordered=ordered)
             # A zero norm (a frozen or unused parameter) carries no scale: a history of
             # zeros would hold the threshold at 0.
             window = jax.tree.map(lambda new, old: jnp.where(norm > 0, new, old), window, state)
-        # Slots are filled in order before the buffer wraps, so the used ones come first.
-        used = jnp.arange(size) < window.filled
-        threshold = _percentile(window.norms, used, window.filled, self.p)
+            threshold = _interpolate(window.ordered, window.filled, self.p)
         if self._levelled:
             level = _median_of_last(window.recent, window.filled)
             threshold = threshold * jnp.where(window.filled > 0, level, 1.0)

@@ -142,6 +142,26 @@ def test_percentile_threshold_rises_at_most_max_rise_a_step():
     assert np.all(thresholds[50:] < 0.6)  # the level of 0.5, within tens of steps
 
 
+@given(st.lists(st.sampled_from([0.0, 0.5, 1.0, 1.0, 2.0, 3.5, 1e3, 1e30]), max_size=40))
+def test_percentile_keeps_its_ordered_buffer_sorted(norms):
+    # The sorted copy is kept by one removal and one insertion a step (no sort): it
+    # must stay the sorted stored norms through wraps, ties, zeros and bounded norms.
+    tx = gradclip_jax.adaptive_clip(rules.percentile(history=5, level_window=3))
+    state = tx.init(jnp.zeros(1))
+    for n in norms:
+        _, state = _ordered_step(tx, state, jnp.float32(n))
+        rule = state.rule_state
+        filled = int(rule.filled)
+        expected = np.sort(np.asarray(rule.norms[:filled]))
+        np.testing.assert_array_equal(np.asarray(rule.ordered[:filled]), expected)
+        assert np.all(np.isinf(np.asarray(rule.ordered[filled:])))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _ordered_step(tx, state, n):
+    return tx.update(jnp.reshape(n, (1,)), state, jnp.zeros(1))
+
+
 def test_percentile_level_ignores_a_burst_of_spikes():
     # 15 consecutive x100 norms are fewer than half of the level's 32: every one is
     # clipped near the base, and the threshold afterwards is the threshold before. No
