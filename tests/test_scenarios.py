@@ -34,11 +34,27 @@ def test_defaults_meet_the_targets(strategy):
         if result.before is not None:
             assert abs(result.after - result.before) <= 0.10, (where, result)
         if result.window_share is not None:
-            # AutoClip's 10th percentile of the last 1024 norms lags a drift by ~920
-            # steps, so it clips every step: 100% against 90% when stationary, 10.2
-            # points (documented in docs/adaptive_defaults.md as the one miss).
-            slack = 0.11 if strategy == "autoclip" else 0.10
-            assert result.window_share <= result.stationary_share + slack, (where, result)
+            assert result.window_share <= result.stationary_share + 0.10, (where, result)
+
+
+@pytest.mark.parametrize("noise", [0.02, 0.3])
+@pytest.mark.parametrize("strategy", [s for s in scen.DEFAULTS if s != "adaptive_clip leaf"])
+def test_the_drift_target_holds_for_other_noise_levels_and_seeds(strategy, noise):
+    # The scenario's 5% noise and seed are one configuration: the slow x10 drift must
+    # be clipped no more often than the stationary sequence (within 10 points) with
+    # less and more noise too, on other seeds.
+    start, stop = scen.DRIFT
+    ramp = np.ones(scen.STEPS)
+    ramp[start:stop] = np.geomspace(1.0, 10.0, stop - start)
+    ramp[stop:] = 10.0
+    for seed in (100, 101):
+        rng = np.random.default_rng(seed)
+        base = np.abs(1.0 + noise * rng.standard_normal(scen.STEPS))
+        shares = []
+        for norms in (base, base * ramp):
+            _, out = scen.run(strategy, norms)
+            shares.append(scen._clipped(norms, out).mean(axis=1)[start:stop].mean())
+        assert shares[1] <= shares[0] + 0.10, (strategy, noise, seed, shares)
 
 
 def test_the_explosive_first_step_is_clipped_to_the_initial_threshold():
