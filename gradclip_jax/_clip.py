@@ -20,22 +20,22 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from functools import partial
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax import lax
 
 from gradclip_jax._norms import (
     accumulation_dtype,
-    block_norms,
+    leaf_norm_pairs,
     norm_of_norms,
     norm_of_parts,
     pair_scale,
     power_sums,
-    stack_scalars,
+    shape_groups,
     tree_norm,
     tree_norm_pair,
     unit_axes,
@@ -86,12 +86,22 @@ def clip_scale(norm: jax.Array, threshold: Any) -> jax.Array:
 def scale_leaf(x: jax.Array, scale: jax.Array, inverse: Any = None) -> jax.Array:
     """``x * scale`` (``x * inverse * scale`` for a norm given as a :func:`pair_scale`
     pair) in the accumulation precision, back in ``x``'s dtype; half-precision and
-    float8 leaves do not underflow on tiny scales."""
-    acc = accumulation_dtype(x.dtype)
-    wide = x.astype(wide_dtype(x.dtype))
+    float8 leaves do not underflow on tiny scales.
+
+    Written in ``lax`` (no promotion to resolve): a per-leaf clipper calls it once per
+    leaf, and ``jnp``'s dispatch was most of its tracing time.
+    """
+    wide = lax.convert_element_type(x, wide_dtype(x.dtype))
     if inverse is not None:
-        wide = wide * inverse.astype(acc)
-    return (wide * scale.astype(acc)).astype(x.dtype)
+        wide = lax.mul(wide, _as_factor(inverse, wide.dtype))
+    return lax.convert_element_type(lax.mul(wide, _as_factor(scale, wide.dtype)), x.dtype)
+
+
+def _as_factor(value: Any, dtype: Any) -> jax.Array:
+    """A real scalar factor in the accumulation dtype, then in ``dtype`` (complex if the
+    leaf is): the rounding of ``jnp``'s promotion, written out."""
+    real = lax.convert_element_type(value, jnp.finfo(dtype).dtype)
+    return lax.convert_element_type(real, dtype)
 
 
 def clamp_leaf(x: jax.Array, bound: jax.Array) -> jax.Array:
@@ -211,24 +221,30 @@ def _clip_element(fn, rule, state, leaves, ctx):
     return out, _absorbed(state, new_state, finite), measured
 
 
-def _entries(vector: jax.Array) -> list[jax.Array]:
-    """The entries of a vector as separate scalars, cheap to compile.
+def _entries(array: jax.Array) -> list[jax.Array]:
+    """``array[i]`` for every ``i`` along the leading axis, as separate arrays, cheap to
+    compile.
 
     XLA on CPU compiles a kernel that slices a vector slowly (about 25 ms per slice),
     so ``vector[i]`` for each of thousands of leaves dominates compile time. Masked sums
     over a ``sqrt(n) x sqrt(n)`` grid read the same values exactly (every other term is
     0) with small kernels: for 300 leaves, 6 s of compilation instead of 13.
     """
-    n = vector.shape[0]
-    width = math.isqrt(max(n - 1, 0)) + 1
+    n, rest = array.shape[0], array.shape[1:]
+    if n == 1:
+        return [lax.reshape(array, rest)]
+    width = math.isqrt(n - 1) + 1
     rows = -(-n // width)
-    grid = jnp.pad(vector, (0, rows * width - n)).reshape(rows, width)
-    row_index = jax.lax.broadcasted_iota(jnp.int32, grid.shape, 0)
-    row_vectors = [jnp.sum(jnp.where(row_index == r, grid, 0), axis=0) for r in range(rows)]
-    column_index = jax.lax.iota(jnp.int32, width)
-    entries = [
-        jnp.sum(jnp.where(column_index == c, row, 0)) for row in row_vectors for c in range(width)
-    ]
+    zero = np.zeros((), array.dtype)
+    padding = [(0, rows * width - n, 0)] + [(0, 0, 0)] * len(rest)
+    grid = lax.reshape(lax.pad(array, zero, padding), (rows, width, *rest))
+
+    def pick(block: jax.Array, i: int) -> jax.Array:  # sum(where(index == i, block, 0), 0)
+        mask = np.arange(block.shape[0]).reshape((-1,) + (1,) * (block.ndim - 1)) == i
+        zeros = np.zeros(block.shape, block.dtype)
+        return lax.reduce_sum(lax.select(np.broadcast_to(mask, block.shape), block, zeros), (0,))
+
+    entries = [pick(pick(grid, r), c) for r in range(rows) for c in range(width)]
     return entries[:n]
 
 
@@ -259,30 +275,20 @@ def check_state_rows(fn: str, state: Any, leaves: int) -> None:
         )
 
 
-def _leaf_scalers(leaves, ctx):
-    """Per leaf a function ``limit -> (scale, inverse)``, and ``(mantissa, inverse)``
-    of every leaf as two vectors.
-
-    A leaf's scale is computed from its own sums and feeds only its own multiply;
-    statistics and rules read the vectors, so a leaf costs its reduction, one scalar
-    kernel and its multiply.
-    """
-    if ctx.ord == math.inf:
-        norms = block_norms(leaves, math.inf, ctx.axis_name)
-        scalers = [partial(_plain_scale, n) for n in norms]
-        vector = stack_scalars(norms)
-        return scalers, (vector, jnp.ones_like(vector))
-    sums = power_sums(leaves, ctx.ord, axis_name=ctx.axis_name)
-    scalers = [partial(sums.scale, r, f, ctx.ord) for r, f in zip(sums.raw, sums.rescued)]
-    if sums.raw_flat is None:  # sharded, or several dtypes: per leaf, then stacked
-        pairs = sums.pairs(ctx.ord)
-        wide = jnp.result_type(*(m for m, _ in pairs))
-        return scalers, tuple(stack_scalars([p[k].astype(wide) for p in pairs]) for k in (0, 1))
-    return scalers, sums.pair(sums.raw_flat, sums.rescued_flat, ctx.ord)
+def _signed(scales: jax.Array, inverses: jax.Array) -> jax.Array:
+    """The pair ``(scale, inverse)`` of every leaf as one number, so that a leaf reads a
+    single entry: the scale, negative where the norm is given in units of ``2^-k``."""
+    return jnp.where(inverses < 1, -scales, scales)
 
 
-def _plain_scale(norm, limit):
-    return clip_scale(norm, limit), jnp.ones((), norm.dtype)
+def _scale_signed(x: jax.Array, signed: jax.Array) -> jax.Array:
+    """:func:`scale_leaf` from :func:`_signed` (a scalar, or unit scales that broadcast)."""
+    acc = accumulation_dtype(x.dtype)
+    signed = lax.convert_element_type(signed, acc)
+    beyond = lax.lt(signed, np.zeros(signed.shape, acc))
+    k = jnp.finfo(acc).maxexp - 28
+    inverse = lax.select(beyond, np.full(signed.shape, 2.0**-k, acc), np.ones(signed.shape, acc))
+    return scale_leaf(x, lax.abs(signed), inverse)
 
 
 def _clip_leaves(fn, rule, state, leaves, ctx):
@@ -292,7 +298,7 @@ def _clip_leaves(fn, rule, state, leaves, ctx):
         zero = jnp.zeros((), jnp.float32)
         thresholds, _ = _leaf_thresholds(fn, rule, state, zero[None], zero, ctx)
         return [], state, Measured(zero, jnp.max(thresholds), zero, zero)
-    scalers, (mantissas, inverses) = _leaf_scalers(leaves, ctx)
+    mantissas, inverses = leaf_norm_pairs(leaves, ctx.ord, ctx.axis_name)
     norms = mantissas / inverses
     total = norm_of_norms(norms, ctx.ord)
     finite = jnp.isfinite(total)
@@ -300,15 +306,9 @@ def _clip_leaves(fn, rule, state, leaves, ctx):
     thresholds = _sanitized(thresholds, finite)
     sizes = np.array([x.size * ctx.devices for x in leaves], np.float32)
     limits = thresholds * np.sqrt(sizes) if ctx.per_size else thresholds
+    # Every scale in one small kernel; each leaf's multiply reads its own entry.
     scales = pair_scale(mantissas, inverses, limits)
-    if thresholds.ndim:  # one threshold per leaf: each leaf reads its own entry
-        per_leaf = [scaler(limit) for scaler, limit in zip(scalers, _entries(limits))]
-    else:  # one threshold: each leaf's scale from its own sums, fused per leaf
-        per_leaf = [
-            scaler(thresholds * math.sqrt(s) if ctx.per_size else thresholds)
-            for scaler, s in zip(scalers, sizes)
-        ]
-    out = [scale_leaf(x, s, i) for x, (s, i) in zip(leaves, per_leaf)]
+    out = [_scale_signed(x, e) for x, e in zip(leaves, _entries(_signed(scales, inverses)))]
     after = norm_of_norms(mantissas * scales, ctx.ord)
     clipped = jnp.mean(inverses * scales < 1)
     measured = Measured(total, jnp.max(thresholds), after, clipped)
@@ -318,41 +318,37 @@ def _clip_leaves(fn, rule, state, leaves, ctx):
 def _clip_units(fn, rule, state, leaves, ctx):
     if jax.tree.leaves(state):
         raise ValueError(f"{fn}: granularity='unit' takes a stateless rule (a constant).")
-    n = len(leaves)
-    axes = [unit_axes(x, ctx.axis) for x in leaves]
+    # Leaves of one shape are stacked with their parameters: one reduction per group.
+    groups = shape_groups(leaves, ctx.param_leaves)
+    axes = []
+    for positions, _, stacked in groups:
+        leaf_axes = unit_axes(leaves[positions[0]], ctx.axis)
+        axes.append(tuple(a + 1 for a in leaf_axes) if stacked else leaf_axes)
+    arrays = [g for _, (g, _), _ in groups] + [p for _, (_, p), _ in groups]
     # The updates' and the parameters' unit sums, rescued together on overflow.
-    sums = power_sums(leaves + list(ctx.param_leaves), 2, axes + axes, keepdims=True)
+    sums = power_sums(arrays, 2, axes + axes, keepdims=True)
+    n = len(groups)
     grads = list(zip(sums.raw[:n], sums.rescued[:n]))
     params = [sums.relative(r, f, ctx.eps) for r, f in zip(sums.raw[n:], sums.rescued[n:])]
-    parts = _unit_parts(sums, grads, params)
-    total = norm_of_parts([m / i for m, i, _, _ in parts]) if parts else jnp.zeros((), jnp.float32)
+    pairs = [sums.pair(r, f, 2) for r, f in grads]
+    zero = jnp.zeros((), jnp.float32)
+    total = norm_of_parts([m / i for m, i in pairs]) if pairs else zero
     threshold, _ = run_rule(fn, rule, state, total, total)
     scales = [
         sums.scale(r, f, 2, threshold.astype(r.dtype), relative=p)
         for (r, f), p in zip(grads, params)
     ]
-    out = [scale_leaf(x, s, i) for x, (s, i) in zip(leaves, scales)]
-    if not parts:
-        return out, state, Measured(total, threshold, total, jnp.zeros((), jnp.float32))
-    after, count, size = [], 0, 0
-    for m, _, (r, f), p in parts:
-        s, i = sums.scale(r, f, 2, threshold.astype(r.dtype), relative=p)
-        after.append(m * s)
-        count, size = count + jnp.sum(i * s < 1), size + s.size
-    return out, state, Measured(total, threshold, norm_of_parts(after), count / size)
-
-
-def _unit_parts(sums, grads, params):
-    """``(mantissa, inverse, (raw, rescued), parameters)`` of the units: all units as
-    one vector each, or per leaf when the leaves are sharded (never concatenated)."""
-    if not grads:
-        return []
-    if sums.raw_flat is None:  # sharded, or several dtypes: per leaf
-        return [(*sums.pair(r, f, 2), (r, f), p) for (r, f), p in zip(grads, params)]
-    flat = [stack_scalars([g[k] for g in grads]) for k in (0, 1)]
-    p_flat = [stack_scalars([p[k] for p in params]) for k in (0, 1)]
-    relative = sums.relative(*p_flat, params[0][2])
-    return [(*sums.pair(*flat, 2), tuple(flat), relative)]
+    out = [None] * len(leaves)
+    for (positions, _, stacked), (s, i) in zip(groups, scales):
+        signed = _signed(s, i)
+        for position, e in zip(positions, _entries(signed) if stacked else [signed]):
+            out[position] = _scale_signed(leaves[position], e)
+    if not pairs:
+        return out, state, Measured(total, threshold, total, zero)
+    after = norm_of_parts([m * s for (m, _), (s, _) in zip(pairs, scales)])
+    count = sum(jnp.sum(i * s < 1) for s, i in scales)
+    size = sum(s.size for s, _ in scales)
+    return out, state, Measured(total, threshold, after, count / size)
 
 
 _CLIP = {

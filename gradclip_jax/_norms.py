@@ -25,6 +25,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from gradclip_jax._tree import inexact_leaves, is_inexact, refill
@@ -183,16 +184,11 @@ class Sums(NamedTuple):
 
     ``raw`` is the plain sum (``inf`` when it overflows); ``rescued`` equals ``raw``
     except on a step where some sum is not finite, when every sum is recomputed with
-    the values scaled by ``2^-k`` (``k`` per accumulation dtype). ``raw_flat`` and
-    ``rescued_flat`` are the same values as one vector each (``None`` when the arrays
-    are sharded over a mesh, which a concatenation would gather, or when they have
-    several accumulation dtypes, rescaled by different powers of two).
+    the values scaled by ``2^-k`` (``k`` per accumulation dtype).
     """
 
     raw: list
     rescued: list
-    raw_flat: Any
-    rescued_flat: Any
     scales: dict  # accumulation dtype -> (2^k, 2^-k)
 
     def pairs(self, power: float) -> list[tuple[jax.Array, jax.Array]]:
@@ -210,24 +206,17 @@ class Sums(NamedTuple):
         return raw, rescued, floor, self.scales[raw.dtype]
 
 
-def _flat(values: Sequence[jax.Array]) -> jax.Array | None:
-    """The values as one vector, or ``None`` where one is sharded over a mesh."""
-    if any(_on_mesh(v) for v in values):
-        return None
-    return stack_scalars(values)
-
-
-def _all_finite(values: Sequence[jax.Array], flat: jax.Array | None) -> jax.Array:
-    if flat is not None:
-        return jnp.isfinite(jnp.sum(flat))  # the sums are >= 0: finite iff all are
-    return jnp.all(stack_scalars([jnp.all(jnp.isfinite(v)) for v in values]))
+def _all_finite(values: Sequence[jax.Array]) -> jax.Array:
+    if any(_on_mesh(v) for v in values):  # never concatenate what is sharded
+        return jnp.all(stack_scalars([jnp.all(jnp.isfinite(v)) for v in values]))
+    return jnp.isfinite(jnp.sum(stack_scalars(values)))  # sums >= 0: finite iff all are
 
 
 def power_sums(arrays, power, axes=None, keepdims=False, axis_name=None) -> Sums:
     """The sums of ``|x|^power`` (1 or 2) of each array over its ``axes``, rescued on
     overflow by one ``lax.cond`` that the common path does not pay for."""
     if not arrays:
-        return Sums([], [], None, None, {})
+        return Sums([], [], {})
     axes = [None] * len(arrays) if axes is None else axes
     # One (factor, inverse) pair per accumulation dtype: each is an optimisation barrier,
     # and a barrier per leaf would split XLA's fusions (and its compile time) per leaf.
@@ -247,18 +236,8 @@ def power_sums(arrays, power, axes=None, keepdims=False, axis_name=None) -> Sums
         return collective(partial, "sum", axis_name)
 
     raw = sums(False)
-    raw_flat = _flat(raw)
-
-    def rescue(_):
-        rescued = sums(True)
-        return rescued, _flat(rescued)
-
-    rescued, rescued_flat = lax.cond(
-        _all_finite(raw, raw_flat), lambda raw: raw, rescue, (raw, raw_flat)
-    )
-    if len(scales) > 1:  # rescaled by different powers of two: one vector cannot be read
-        raw_flat = rescued_flat = None
-    return Sums(raw, rescued, raw_flat, rescued_flat, scales)
+    rescued = lax.cond(_all_finite(raw), lambda raw: raw, lambda _: sums(True), raw)
+    return Sums(raw, rescued, scales)
 
 
 def _dtypes(arrays) -> list:
@@ -412,6 +391,59 @@ def norm_of_parts(parts: Sequence[jax.Array]) -> jax.Array:
     if any(_on_mesh(p) for p in parts):
         return norm_of_norms(stack_scalars([norm_of_norms(p) for p in parts]))
     return norm_of_norms(stack_scalars(parts))
+
+
+def shape_groups(leaves: Sequence[jax.Array], *companions: Sequence[jax.Array]) -> list:
+    """The leaves grouped by shape and dtypes: ``(positions, arrays, stacked)`` per group.
+
+    ``arrays`` holds one array per sequence (``leaves``, then each companion, e.g. the
+    parameters paired with the updates). A group of several small leaves is stacked
+    along a new leading axis (``stacked``), behind an optimisation barrier; a large
+    leaf, one on a mesh, or one whose shape no other leaf has stays as it is.
+    """
+    sequences = (leaves, *companions)
+    keys: dict[Any, list[int]] = {}
+    for i, x in enumerate(leaves):
+        big = x.size > SMALL_LEAF_SIZE or any(_on_mesh(s[i]) for s in sequences)
+        key = ("alone", i) if big else (x.shape, tuple(s[i].dtype for s in sequences))
+        keys.setdefault(key, []).append(i)
+    singles = [(p, tuple(s[p[0]] for s in sequences), False) for p in keys.values() if len(p) == 1]
+    several = [p for p in keys.values() if len(p) > 1]
+    stacks = [
+        [lax.concatenate([lax.expand_dims(s[i], (0,)) for i in p], 0) for s in sequences]
+        for p in several
+    ]
+    stacks = lax.optimization_barrier(stacks) if stacks else stacks
+    return singles + [(p, tuple(arrays), True) for p, arrays in zip(several, stacks)]
+
+
+def leaf_norm_pairs(leaves: Sequence[jax.Array], ord: float, axis_name: Any = None):
+    """``(mantissa, inverse)`` of every leaf's ``ord``-norm, as two vectors in leaf order.
+
+    The pairs of :func:`norm_pair`, in the widest accumulation dtype of the leaves. Small
+    leaves of one shape are measured as one stack (:func:`shape_groups`): XLA on CPU
+    compiles every reduction, so a per-leaf clipper's compile time then grows with the
+    number of shapes rather than of leaves.
+    """
+    if ord == math.inf:
+        norms = jnp.concatenate([n[None] for n in block_norms(leaves, ord, axis_name)])
+        return norms, jnp.ones_like(norms)
+    groups = shape_groups(leaves)
+    arrays = [a for _, (a,), _ in groups]
+    axes = [
+        tuple(range(1, a.ndim)) if stacked else None for a, (_, _, stacked) in zip(arrays, groups)
+    ]
+    sums = power_sums(arrays, ord, axes, axis_name=axis_name)
+    pairs = [sums.pair(r, f, ord) for r, f in zip(sums.raw, sums.rescued)]
+    wide = jnp.result_type(*(m for m, _ in pairs))
+    mantissa, inverse = (
+        jnp.concatenate([jnp.reshape(p[k].astype(wide), -1) for p in pairs]) for k in (0, 1)
+    )
+    order = np.concatenate([np.asarray(positions) for positions, _, _ in groups])
+    if (order != np.arange(order.size)).any():  # back to leaf order: one constant gather
+        back = np.argsort(order)
+        mantissa, inverse = mantissa[back], inverse[back]
+    return mantissa, inverse
 
 
 def tree_norm_pair(leaves: Sequence[jax.Array], ord: float, axis_name: Any = None):

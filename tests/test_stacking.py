@@ -1,0 +1,173 @@
+"""Per-leaf and unit-wise clippers measure stacked leaves: same numbers as leaf by leaf.
+
+Small leaves of one shape are stacked and reduced once, and each leaf reads its own
+scale back from a vector (per-leaf) or from a stack of unit scales (AGC). These tests pin
+that the stacking never changes what a leaf gets: order, odd shapes, dtypes, overflow,
+non-finite values, and leaves that stay alone.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import gradclip_jax
+from gradclip_jax._clip import _entries
+from gradclip_jax._norms import leaf_norm_pairs
+
+
+def _mixed_leaves(seed=0):
+    """Shapes interleaved so that stacks, lone leaves and large leaves alternate."""
+    rng = np.random.default_rng(seed)
+
+    def leaf(shape, dtype=jnp.float32, scale=1.0):
+        values = rng.normal(size=shape) * scale
+        if jnp.issubdtype(dtype, jnp.complexfloating):
+            values = values + 1j * rng.normal(size=shape) * scale
+        return jnp.asarray(values, dtype)
+
+    return [
+        leaf((8, 4)),
+        leaf((3,)),
+        leaf((7, 5), scale=3.0),  # a shape of its own: alone
+        leaf((5000,)),  # large: alone
+        leaf((8, 4), scale=0.1),
+        leaf((2, 3), jnp.float16),
+        leaf((8, 8)),
+        leaf((3,), scale=5.0),
+        leaf((3, 2), jnp.complex64),
+        leaf((0, 3)),  # zero-size
+        leaf(()),
+        leaf((8, 4), scale=1e30),  # its sum of squares overflows float32
+        leaf((4,), jnp.bfloat16),
+        leaf((2, 3), jnp.float16, scale=10.0),
+    ]
+
+
+@pytest.mark.parametrize("ord", [1, 2, math.inf])
+def test_leaf_norm_pairs_equal_each_leaf_measured_alone(ord):
+    leaves = _mixed_leaves()
+    mantissa, inverse = jax.jit(lambda xs: leaf_norm_pairs(xs, ord))(leaves)
+    alone = [gradclip_jax.global_norm(x, ord) for x in leaves]
+    np.testing.assert_allclose(mantissa / inverse, np.array(alone, np.float32), rtol=2e-6)
+    assert mantissa.shape == inverse.shape == (len(leaves),)
+
+
+def test_per_leaf_clipping_equals_one_global_clipper_per_leaf():
+    leaves = _mixed_leaves(1)
+    for tx, alone in [
+        (gradclip_jax.clip_by_leaf_norm(2.0), lambda x: gradclip_jax.clip_by_global_norm(2.0)),
+        (
+            gradclip_jax.clip_by_block_rms(0.5),
+            lambda x: gradclip_jax.clip_by_global_norm(0.5 * math.sqrt(x.size)),
+        ),
+    ]:
+        out, _ = jax.jit(tx.update)(leaves, tx.init(leaves))
+        for x, y in zip(leaves, out):
+            one = alone(x)
+            expected, _ = one.update(x, one.init(x))
+            assert y.dtype == x.dtype and y.shape == x.shape
+            tol = 1e-2 if x.dtype in (jnp.float16, jnp.bfloat16) else 2e-6
+            np.testing.assert_allclose(
+                np.asarray(y, np.complex128), np.asarray(expected, np.complex128), rtol=tol
+            )
+
+
+def test_a_nan_in_one_stacked_leaf_stays_in_that_leaf():
+    leaves = [jnp.full((8, 4), 3.0) for _ in range(5)]
+    leaves[2] = leaves[2].at[1, 1].set(jnp.nan)
+    tx = gradclip_jax.clip_by_leaf_norm(1.0)
+    out, state = jax.jit(tx.update)(leaves, tx.init(leaves))
+    for i, y in enumerate(out):
+        if i == 2:
+            assert jnp.isnan(y[1, 1]) and jnp.all(jnp.isfinite(y.at[1, 1].set(0)))
+        else:
+            np.testing.assert_allclose(gradclip_jax.global_norm(y), 1.0, rtol=1e-6)
+    assert jnp.isnan(gradclip_jax.stats(state)["clip_by_leaf_norm/norm"])
+
+
+@given(
+    n=st.integers(1, 70),
+    trailing=st.sampled_from([(), (1,), (2, 3)]),
+    specials=st.lists(st.sampled_from([np.inf, -np.inf, np.nan, 0.0, -1e38]), max_size=4),
+    seed=st.integers(0, 2**16),
+)
+def test_entries_read_back_every_row_exactly(n, trailing, specials, seed):
+    rng = np.random.default_rng(seed)
+    array = rng.normal(size=(n, *trailing)).astype(np.float32)
+    flat = array.reshape(-1)
+    for value in specials:
+        flat[rng.integers(flat.size)] = value
+    rows = jax.jit(_entries)(array)
+    assert len(rows) == n
+    for i, row in enumerate(rows):
+        assert row.shape == trailing
+        np.testing.assert_array_equal(np.asarray(row), array[i])
+
+
+def _numpy_agc(g, p, clipping, eps):
+    """AGC in float64 NumPy, with optax's unit axes."""
+    g, p = np.asarray(g, np.float64), np.asarray(p, np.float64)
+    axes = gradclip_jax.unit_axes(jnp.asarray(g))
+    g_norm = np.sqrt(np.sum(g * g, axis=axes, keepdims=True))
+    limit = clipping * np.maximum(np.sqrt(np.sum(p * p, axis=axes, keepdims=True)), eps)
+    return g * np.where(g_norm > limit, limit / np.where(g_norm > 0, g_norm, 1), 1)
+
+
+def test_agc_on_stacked_and_lone_leaves_matches_optax():
+    rng = np.random.default_rng(2)
+    shapes = [(6, 4), (3,), (6, 4), (2, 2, 3, 4), (5000, 2), (6, 4), (3,), (4, 6), ()]
+    grads = [jnp.asarray(rng.normal(size=s), jnp.float32) for s in shapes]
+    params = [jnp.asarray(rng.normal(size=s) * 0.1, jnp.float32) for s in shapes]
+    params[2] = jnp.zeros((6, 4))  # eps floor on every unit of one stacked leaf
+    ours = gradclip_jax.agc(0.05, eps=1e-3)
+    got, _ = jax.jit(ours.update)(grads, ours.init(params), params)
+    theirs = optax.adaptive_grad_clip(0.05, eps=1e-3)
+    want, _ = theirs.update(grads, None, params)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=2e-6, atol=0)
+    # An overflowing unit sum inside a stack (optax's float32 sums give inf there).
+    grads[5] = grads[5] * 1e30
+    got, _ = jax.jit(ours.update)(grads, ours.init(params), params)
+    for g, x, p in zip(got, grads, params):
+        assert np.all(np.isfinite(g))
+        np.testing.assert_allclose(g, _numpy_agc(x, p, 0.05, 1e-3), rtol=2e-6, atol=0)
+
+
+def test_agc_groups_leaves_by_the_dtypes_of_gradient_and_parameter():
+    grads = [jnp.ones((4, 4), jnp.float32) * 5, jnp.ones((4, 4), jnp.float32) * 5]
+    params = [jnp.ones((4, 4), jnp.float32), jnp.ones((4, 4), jnp.bfloat16)]
+    tx = gradclip_jax.agc(0.1)
+    out, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+    for g in out:  # unit norm 10 against 0.1 * 2: scaled to 0.2
+        np.testing.assert_allclose(jnp.linalg.norm(g, axis=0), 0.2, rtol=1e-6)
+
+
+def _reductions_of_a_leaf(tx, leaves, params=None):
+    """How many reductions read a whole leaf-shaped operand (one per leaf when unstacked)."""
+    state = tx.init(leaves if params is None else params)
+    text = jax.jit(tx.update).lower(leaves, state, params).as_text()
+    return sum(
+        1 for line in text.splitlines() if "stablehlo.reduce" in line and "(tensor<8x4xf32>" in line
+    )
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: gradclip_jax.clip_by_block_rms(1.0),
+        lambda: gradclip_jax.clip_by_leaf_norm(1.0),
+        gradclip_jax.adagc,
+        lambda: gradclip_jax.agc(0.01),
+    ],
+)
+def test_identical_small_leaves_are_reduced_once_not_per_leaf(make):
+    leaves = [jnp.ones((8, 4)) for _ in range(50)]
+    assert _reductions_of_a_leaf(make(), leaves, leaves) == 0
+    text = jax.jit(make().update).lower(leaves, make().init(leaves), leaves).as_text()
+    assert "tensor<50x32xf32>" in text or "tensor<50x8x4xf32>" in text  # the stack
