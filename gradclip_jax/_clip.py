@@ -252,8 +252,7 @@ def _leaf_thresholds(fn, rule, state, norms, total, ctx):
     """Per-leaf rule thresholds, the rule ``vmap``-ed over the leaves.
 
     A stateless rule whose threshold does not depend on the norm (a constant) gives one
-    threshold: each leaf's scale then fuses with its own norm and multiply, with no
-    slicing of a vector of scales.
+    threshold, traced once rather than per leaf.
     """
     step = lambda s, n: run_rule(fn, rule, s, n, total)
     if not jax.tree.leaves(state):
