@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _tiers import tiered
 
 import gradclip_jax
 from gradclip_jax import ClipStats
@@ -25,6 +26,9 @@ FACTORIES = {
     "clip_by_block_rms": (gradclip_jax.clip_by_block_rms, "threshold", (0.1, 10.0)),
     "agc": (gradclip_jax.agc, "clipping", (0.001, 10.0)),
 }
+# The fast tier's representatives, one per granularity (see tests/_tiers.py).
+FAST = ["clip_by_value", "clip_by_leaf_norm", "agc"]
+FAST_INJECTABLE = ["adaptive_clip", "adagc"]
 
 PARAMS = {
     "dense": {"kernel": jnp.ones((4, 3)), "bias": jnp.zeros(3)},
@@ -45,7 +49,7 @@ def _run(tx, steps=3, params=PARAMS):
     return params, state
 
 
-@pytest.mark.parametrize("name", FACTORIES)
+@pytest.mark.parametrize("name", tiered(FACTORIES, FAST))
 def test_chained_with_adam_under_jit(name):
     factory, arg, (low, _) = FACTORIES[name]
     tx = optax.chain(factory(**{arg: low}), optax.adam(1e-2))
@@ -60,7 +64,7 @@ def test_chained_with_adam_under_jit(name):
     assert logs[f"{name}/clip_count"].dtype == jnp.int32
 
 
-@pytest.mark.parametrize("name", FACTORIES)
+@pytest.mark.parametrize("name", tiered(FACTORIES, FAST))
 def test_inject_hyperparams_threshold_changes_between_jitted_steps(name):
     factory, arg, (low, high) = FACTORIES[name]
     # The exact usage people copy from optax: every numeric default arrives traced.
@@ -99,7 +103,7 @@ def _cast_run(tx, dtype, steps=2):
     return state
 
 
-@pytest.mark.parametrize("name", INJECTABLE)
+@pytest.mark.parametrize("name", tiered(INJECTABLE, FAST_INJECTABLE))
 def test_inject_hyperparams_with_bfloat16_parameters(name):
     # inject_hyperparams casts float hyperparameters to the parameters' dtype.
     factory, kwargs = INJECTABLE[name]
@@ -107,7 +111,7 @@ def test_inject_hyperparams_with_bfloat16_parameters(name):
     assert all(v.dtype in (jnp.bfloat16, jnp.int32) for v in jax.tree.leaves(state.hyperparams))
 
 
-@pytest.mark.parametrize("name", INJECTABLE)
+@pytest.mark.parametrize("name", tiered(INJECTABLE, FAST_INJECTABLE))
 def test_inject_hyperparams_with_complex_parameters_asks_for_a_real_dtype(name):
     factory, kwargs = INJECTABLE[name]
     if name != "adaptive_clip":  # it has no numeric argument to inject
@@ -117,7 +121,7 @@ def test_inject_hyperparams_with_complex_parameters_asks_for_a_real_dtype(name):
     _cast_run(tx, jnp.complex64)
 
 
-@pytest.mark.parametrize("name", FACTORIES)
+@pytest.mark.parametrize("name", tiered(FACTORIES, FAST))
 def test_inside_multisteps_state_is_stable(name):
     factory, arg, (low, _) = FACTORIES[name]
     tx = optax.MultiSteps(optax.chain(factory(**{arg: low}), optax.adam(1e-2)), every_k_schedule=2)
@@ -128,7 +132,7 @@ def test_inside_multisteps_state_is_stable(name):
     assert int(gradclip_jax.stats(state)[f"{name}/clip_count"]) == 2
 
 
-@pytest.mark.parametrize("name", FACTORIES)
+@pytest.mark.parametrize("name", tiered(FACTORIES, FAST))
 def test_state_survives_pickle_and_keeps_shapes(name):
     factory, arg, (low, _) = FACTORIES[name]
     tx = factory(**{arg: low})
@@ -140,7 +144,7 @@ def test_state_survives_pickle_and_keeps_shapes(name):
     assert type(restored) is type(state)
 
 
-@pytest.mark.parametrize("name", FACTORIES)
+@pytest.mark.parametrize("name", tiered(FACTORIES, FAST))
 def test_keeps_dtypes_and_shapes(name):
     factory, arg, (low, _) = FACTORIES[name]
     params = {

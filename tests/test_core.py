@@ -126,6 +126,7 @@ def test_agc_pairs_parameters_by_structure_and_explains_bad_ones():
         tx.update(grads, tx.init(grads), params)
 
 
+@pytest.mark.slow
 def test_agc_axis_applies_to_matrices_only():
     grads = {"w": jnp.ones((2, 3, 4, 5)), "b": jnp.ones(5), "s": jnp.ones(())}
     tx = gradclip_jax.agc(0.01, axis=(0, 1, 2))

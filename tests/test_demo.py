@@ -162,6 +162,7 @@ def test_every_model_and_task_trains(cell, activation, recurrent_init, task, len
     assert all(jax.tree.leaves(changed)) or length == 1
 
 
+@pytest.mark.slow
 def test_samplers_take_any_length():
     for length in (1, 2):  # the baseline tests below use 20 and 50
         for task in TASKS.values():
@@ -172,6 +173,7 @@ def test_samplers_take_any_length():
         np.testing.assert_array_equal(markers.sum(axis=0), min(length, 2))
 
 
+@pytest.mark.slow
 def test_adding_problem_baseline():
     task = get_task("adding")
     inputs, targets = task.sample(jax.random.key(0), 50_000, 20)
@@ -184,6 +186,7 @@ def test_adding_problem_baseline():
     np.testing.assert_allclose(float(task.loss(first + 0.5, targets)), 1 / 12, rtol=0.03)
 
 
+@pytest.mark.slow
 def test_temporal_order_baseline_and_labels():
     task = get_task("temporal_order")
     inputs, labels = task.sample(jax.random.key(0), 5_000, 50)

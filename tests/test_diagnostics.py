@@ -77,6 +77,7 @@ def test_hidden_state_gradient_norms_follow_the_recurrence_gain(gain):
     np.testing.assert_allclose(norms / norms[-1], gain ** jnp.arange(5, -1, -1.0), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_hidden_state_gradient_norms_keep_axes_and_time_axis():
     loss = _linear_recurrence_loss(2.0)
     per_layer = hidden_state_gradient_norms(

@@ -3,9 +3,12 @@
 import pathlib
 import runpy
 
+import pytest
+
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
 
 
+@pytest.mark.slow
 def test_custom_rule_example_clips_the_spikes_and_trains_better(capsys):
     runpy.run_path(str(EXAMPLES / "custom_rule.py"), run_name="__main__")
     lines = capsys.readouterr().out.strip().splitlines()

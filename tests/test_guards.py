@@ -567,6 +567,7 @@ def test_skip_with_max_consecutive_under_vmap_raises_only_past_the_limit():
         jax.block_until_ready(update({"w": jnp.full(2, jnp.nan)}, states, params))
 
 
+@pytest.mark.slow
 def test_extra_arguments_reach_a_multisteps_inner_transformation():
     inner = optax.MultiSteps(
         skip_on_spike(optax.sgd(1.0), watch="both", window=4, min_history=2), every_k_schedule=2

@@ -78,8 +78,19 @@ NOT_DP = [n for n in NAMES if n not in DP]
 
 # The transformations each axis runs in the fast tier; the slow tier runs them all.
 FAST = {
-    # dp_aggregate compiles slowly on the mixed tree: its fast sweeps are the float8 ones
-    "values": [n for n in NAMES if n not in ("dp_aggregate", "dp_aggregate_adaptive")],
+    # one per granularity and kind of rule or guard (dp_aggregate compiles slowly on the
+    # mixed tree: its fast sweeps are the float8 ones)
+    "values": [
+        "clip_by_value",
+        "clip_by_global_norm",
+        "clip_by_block_rms",
+        "agc",
+        "adaptive_clip_leaf",
+        "autoclip",
+        "zclip",
+        "skip_on_spike",
+        "on_nonfinite_skip",
+    ],
     "float8_e4m3fn": ["clip_by_value", "adagc"],
     "float8_e5m2": ["clip_by_global_norm", "dp_aggregate"],
     "eager": ["clip_by_global_norm", "quantile_clip"],
@@ -111,7 +122,7 @@ FAST = {
     ],
     "scalars": ["clip_by_block_rms", "agc", "skip_on_spike"],
     # trees of None leaves only or integer leaves only (an empty tree: all fast)
-    "no_floats": LEAF_GRANULARITY,
+    "no_floats": ["clip_by_block_rms", "adagc"],
 }
 
 

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _tiers import tiered
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -46,6 +47,7 @@ def test_leaf_norms_match_numpy(ord):
         np.testing.assert_allclose(norms[key], _numpy_norm(leaf, ord), 1e-6)
 
 
+@pytest.mark.slow
 @given(exponent=st.integers(-15, 35), seed=st.integers(0, 3))
 def test_global_norm_is_accurate_over_magnitudes(exponent, seed):
     tree = _random_tree(seed, scale=10.0**exponent)
@@ -83,7 +85,7 @@ def test_unitwise_norms_overflow_safe():
     np.testing.assert_allclose(norms, [[math.sqrt(2) * 1e30, math.sqrt(5)]], rtol=1e-6)
 
 
-@pytest.mark.parametrize("ord", ORDS)
+@pytest.mark.parametrize("ord", tiered(ORDS, [2]))
 def test_zero_tree_norm_and_gradient_are_finite(ord):
     zeros = {"a": jnp.zeros((3, 2)), "b": jnp.zeros(4)}
     assert float(gradclip_jax.global_norm(zeros, ord)) == 0.0
@@ -131,7 +133,7 @@ def test_non_finite_entries_are_reported():
 
 
 @pytest.mark.parametrize("size", [10, 100_000])  # XLA's CPU max drops NaN from 10,000 on
-@pytest.mark.parametrize("ord", ORDS)
+@pytest.mark.parametrize("ord", tiered(ORDS, [math.inf]))
 @pytest.mark.parametrize(
     ("bad", "expected"),
     [([jnp.nan], np.nan), ([jnp.inf], np.inf), ([-jnp.inf], np.inf), ([jnp.inf, jnp.nan], np.nan)],
@@ -193,7 +195,10 @@ def test_unit_axes_follow_flax_layouts():
         gradclip_jax.unit_axes(jnp.zeros((2,) * 6))
 
 
-@pytest.mark.parametrize("shape", [(5,), (3, 4), (2, 3, 4), (2, 2, 3, 4), (2, 2, 2, 3, 4)])
+@pytest.mark.parametrize(
+    "shape",
+    tiered([(5,), (3, 4), (2, 3, 4), (2, 2, 3, 4), (2, 2, 2, 3, 4)], [(3, 4), (2, 2, 3, 4)]),
+)
 def test_unitwise_norms_match_optax(shape):
     x = jnp.asarray(np.random.default_rng(0).normal(size=shape), jnp.float32)
     ours = jnp.broadcast_to(gradclip_jax.unitwise_norms(x), shape)

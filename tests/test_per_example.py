@@ -288,6 +288,7 @@ def test_too_little_count_noise_is_an_error():
         jax.jit(tx.update)({"w": jnp.ones((10, 2))}, tx.init(None))  # sigma_b = 10 / 20
 
 
+@pytest.mark.slow
 def test_adaptive_clip_norm_converges_to_the_target_quantile():
     """Log-normal per-example norms (median 2, log-std 0.5), batch 256, noise z = 1,
     targets 0.5 and 0.8 (the quantile rule's target may be traced: one compilation).
@@ -327,6 +328,7 @@ def test_adaptive_clip_norm_converges_to_the_target_quantile():
         assert float(np.mean(clipped[i, -100:])) == pytest.approx(1 - target, abs=0.05)
 
 
+@pytest.mark.slow
 def test_inject_hyperparams_and_pickle():
     grads = _batch(2)
     tx = optax.inject_hyperparams(dp_aggregate)(max_norm=1.0, noise_multiplier=0.5, seed=4)

@@ -27,6 +27,7 @@ def _batches(count, seed=0):
 PARAMS = {"w": jnp.ones(3), "b": jnp.zeros(())}
 
 
+@pytest.mark.slow
 def test_quantiles_match_numpy_and_norms_match_direct_computation():
     batches = _batches(12)
     probe = probe_norms(jax.grad(_loss), PARAMS, batches, percentile=20.0)

@@ -142,11 +142,14 @@ def test_percentile_threshold_rises_at_most_max_rise_a_step():
     assert np.all(thresholds[50:] < 0.6)  # the level of 0.5, within tens of steps
 
 
+_SMALL_PERCENTILE = gradclip_jax.adaptive_clip(rules.percentile(history=5, level_window=3))
+
+
 @given(st.lists(st.sampled_from([0.0, 0.5, 1.0, 1.0, 2.0, 3.5, 1e3, 1e30]), max_size=40))
 def test_percentile_keeps_its_ordered_buffer_sorted(norms):
     # The sorted copy is kept by one removal and one insertion a step (no sort): it
     # must stay the sorted stored norms through wraps, ties, zeros and bounded norms.
-    tx = gradclip_jax.adaptive_clip(rules.percentile(history=5, level_window=3))
+    tx = _SMALL_PERCENTILE  # one transformation: its jitted step compiles once
     state = tx.init(jnp.zeros(1))
     for n in norms:
         _, state = _ordered_step(tx, state, jnp.float32(n))
