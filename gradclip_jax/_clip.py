@@ -35,6 +35,7 @@ from gradclip_jax._norms import (
     norm_of_parts,
     pair_scale,
     power_sums,
+    rescale_exponent,
     shape_groups,
     tree_norm,
     tree_norm_pair,
@@ -285,8 +286,8 @@ def _scale_signed(x: jax.Array, signed: jax.Array) -> jax.Array:
     acc = accumulation_dtype(x.dtype)
     signed = lax.convert_element_type(signed, acc)
     beyond = lax.lt(signed, np.zeros(signed.shape, acc))
-    k = jnp.finfo(acc).maxexp - 28
-    inverse = lax.select(beyond, np.full(signed.shape, 2.0**-k, acc), np.ones(signed.shape, acc))
+    unit = 2.0 ** -rescale_exponent(acc)  # the inverse of power_sums' rescue
+    inverse = lax.select(beyond, np.full(signed.shape, unit, acc), np.ones(signed.shape, acc))
     return scale_leaf(x, lax.abs(signed), inverse)
 
 

@@ -156,6 +156,11 @@ def collective(value: Any, combine: str, axis_name: Any) -> Any:
     return jax.tree.map(nan_if_any, lax.pmax(value, axis_name), nan_counts)
 
 
+def rescale_exponent(dtype: Any) -> int:
+    """``k`` of the ``2^-k`` by which an overflowed sum in ``dtype`` is recomputed."""
+    return jnp.finfo(dtype).maxexp - 28
+
+
 def _overflow_rescaling(dtype: Any) -> tuple[jax.Array, jax.Array]:
     """Power-of-two ``(factor, inverse)`` for recomputing an overflowed sum in ``dtype``.
 
@@ -165,7 +170,7 @@ def _overflow_rescaling(dtype: Any) -> tuple[jax.Array, jax.Array]:
     exact power of two, unlike ``1 / max``, and a constant needs no pass to find the
     largest value. ``inf`` stays ``inf`` and NaN stays NaN.
     """
-    k = jnp.finfo(dtype).maxexp - 28
+    k = rescale_exponent(dtype)
     # Opaque to XLA's algebraic simplifier, which would otherwise rewrite
     # (x * c)^2 as x^2 * c^2 and fold c^2 = 2^-200 to zero in float32.
     return lax.optimization_barrier((jnp.asarray(2.0**k, dtype), jnp.asarray(2.0**-k, dtype)))
@@ -426,7 +431,7 @@ def leaf_norm_pairs(leaves: Sequence[jax.Array], ord: float, axis_name: Any = No
     number of shapes rather than of leaves.
     """
     if ord == math.inf:
-        norms = jnp.concatenate([n[None] for n in block_norms(leaves, ord, axis_name)])
+        norms = stack_scalars(block_norms(leaves, ord, axis_name))
         return norms, jnp.ones_like(norms)
     groups = shape_groups(leaves)
     arrays = [a for _, (a,), _ in groups]
