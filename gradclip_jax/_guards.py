@@ -73,8 +73,9 @@ def _takes_keywords(update: Any) -> bool:
     return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
 
 
-def _zeros_like_struct(s: jax.ShapeDtypeStruct) -> jax.Array:
-    """Zeros of the shape, dtype, sharding and (under shard_map) varying axes of ``s``."""
+def _zeros_like_struct(s: Any) -> jax.Array:
+    """Zeros of the shape, dtype, sharding and (under shard_map) varying axes of ``s``
+    (a ``jax.ShapeDtypeStruct`` or an abstract value)."""
     zeros = jnp.zeros(s.shape, s.dtype, out_sharding=s.sharding)
     varying = tuple(getattr(getattr(s, "manual_axis_type", None), "varying", ()) or ())
     return lax.pcast(zeros, varying, to="varying") if varying else zeros
@@ -95,14 +96,21 @@ def _guarded_update(
     ``mu_dtype=float32`` turns bfloat16 gradients into float32 updates.
     """
 
+    traced = []  # the types of apply's updates, recorded as lax.cond traces it
+
     def apply():
-        return inner.update(updates, inner_state, params, **extra_args)
+        out = inner.update(updates, inner_state, params, **extra_args)
+        traced.append(jax.tree.map(jax.typeof, out[0]))
+        return out
 
     def skip():
-        shapes, _ = jax.eval_shape(apply)
+        # lax.cond traces its first branch (apply) first: its output types spare a
+        # second trace of the whole inner update (eval_shape, kept as the fallback),
+        # which was a third of the guard's cost to compile (100 leaves, Adam).
+        shapes = traced[-1] if traced else jax.eval_shape(apply)[0]
         return jax.tree.map(_zeros_like_struct, shapes), inner_state
 
-    return lax.cond(reject, skip, apply)
+    return lax.cond(jnp.logical_not(reject), apply, skip)
 
 
 # --------------------------------------------------------------------------- spikes
@@ -393,12 +401,22 @@ class OnNonfiniteState(NamedTuple):
 
 
 def _any_nonfinite(leaves: list[jax.Array], axis_name: Any) -> jax.Array:
-    """True when some entry of some leaf is NaN or infinite (on any device of the axis)."""
-    flags = [jnp.any(~jnp.isfinite(b)) for b in blocks_of(leaves)]
-    if not flags:  # no leaf, or only zero-size ones (which blocks_of drops)
-        flags = [jnp.asarray(False)]
-    bad = jnp.any(jnp.stack(flags)).astype(jnp.int32)
-    return collective(bad, "max", axis_name) > 0
+    """True when some entry of some leaf is NaN or infinite (on any device of the axis).
+
+    Each block is read by one float sum of ``x * 0``: 0 when every entry is finite
+    (no overflow is possible), NaN otherwise. XLA on CPU compiles a boolean
+    ``any(~isfinite(x))`` reduction 4-5x slower (0.3 s against 0.07 s for 100 leaves);
+    it was most of a guard's compile time.
+    """
+    bad = jnp.asarray(False)
+    for b in blocks_of(leaves):  # none for no leaf, or only zero-size ones
+        bad = bad | _has_nonfinite(b)
+    return collective(bad.astype(jnp.int32), "max", axis_name) > 0
+
+
+def _has_nonfinite(x: jax.Array) -> jax.Array:
+    """``any(~isfinite(x))`` as a float reduction (see :func:`_any_nonfinite`)."""
+    return jnp.isnan(jnp.sum(lax.mul(x, jnp.zeros((), x.dtype))))
 
 
 def _zero_nonfinite(x: jax.Array) -> jax.Array:
@@ -453,7 +471,7 @@ def _report_if(alarm, leaves, consecutive, limit, reporter) -> None:
         return
 
     def report():
-        flags = jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])
+        flags = ~jnp.stack([_has_nonfinite(x) for x in leaves])
         jax.debug.callback(reporter, alarm, flags, consecutive, jnp.asarray(limit, jnp.int32))
 
     lax.cond(alarm, report, lambda: None)

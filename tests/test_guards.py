@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _tiers import tiered
 
 import gradclip_jax
 from gradclip_jax import on_nonfinite, skip_on_spike
@@ -138,6 +139,59 @@ def test_skipped_step_keeps_adam_moments_bit_for_bit(skip_adam):
     assert int(after.inner_state[0].count) == int(state.inner_state[0].count) + 1
     assert (int(after.stats.consecutive), int(after.stats.nonfinite_count)) == (0, 1)
     assert all(np.any(leaf) for leaf in jax.tree.leaves(updates))
+
+
+GUARD_DTYPES = ["float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2", "complex64"]
+
+
+@pytest.mark.parametrize("dtype", tiered(GUARD_DTYPES, fast=["float16", "complex64"]))
+def test_nonfinite_check_finds_one_bad_entry_in_any_leaf_and_dtype(dtype):
+    """The check is a float sum of x * 0: one NaN or inf anywhere, in a stacked small
+    leaf or a large one, makes it NaN, and the largest finite values do not overflow it."""
+    dtype = jnp.dtype(dtype)
+    largest = float(jnp.finfo(dtype).max)
+    tree = {  # two small leaves of one shape (stacked), a large one, zero-size, scalar
+        "a": np.full((3, 4), largest, np.float32),
+        "b": np.full((3, 4), -largest, np.float32),
+        "big": np.full((80, 80), largest, np.float32),
+        "empty": np.zeros((0, 5), np.float32),
+        "s": np.float32(1.0),
+    }
+    tx = on_nonfinite(optax.identity(), policy="propagate")
+    update = jax.jit(tx.update)
+    cast = lambda t: jax.tree.map(lambda x: jnp.asarray(x).astype(dtype), t)
+    state = tx.init(cast(tree))
+    _, state = update(cast(tree), state)
+    assert int(state.stats.record.nonfinite) == 0
+    bad_values = [np.nan] if dtype == jnp.float8_e4m3fn else [np.nan, np.inf, -np.inf]
+    complex_ = jnp.issubdtype(dtype, jnp.complexfloating)
+    host = np.complex64 if complex_ else np.float32
+    for key, index in [("a", (1, 2)), ("b", (0, 0)), ("big", (79, 3)), ("s", ())]:
+        for bad in bad_values:
+            grads = {k: np.array(v, host) for k, v in tree.items()}
+            grads[key][index] = complex(0.0, bad) if complex_ else bad  # complex: imaginary part
+            _, after = update(cast(grads), state)
+            assert int(after.stats.record.nonfinite) == 1, (key, bad)
+
+
+def test_skip_branch_traced_first_takes_its_zeros_from_eval_shape(monkeypatch):
+    """The zeros of a skipped step reuse the types recorded when lax.cond traces the
+    inner update; if jax traced the skip branch first, they come from eval_shape."""
+    from gradclip_jax import _guards
+
+    cond = jax.lax.cond
+    swapped = lambda pred, true_fun, false_fun: cond(~pred, false_fun, true_fun)
+    monkeypatch.setattr(_guards.lax, "cond", swapped)
+    tx = on_nonfinite(optax.adam(0.1, mu_dtype=jnp.float32), policy="skip")
+    params = {"w": jnp.zeros(3, jnp.bfloat16)}
+    state = tx.init(params)
+    bad = {"w": jnp.array([1.0, jnp.nan, 2.0], jnp.bfloat16)}
+    updates, after = jax.jit(tx.update)(bad, state, params)
+    assert int(after.inner_state[0].count) == 0 and not np.any(np.asarray(updates["w"]))
+    good, after = jax.jit(tx.update)(jax.tree.map(jnp.ones_like, params), state, params)
+    assert int(after.inner_state[0].count) == 1 and np.all(np.asarray(good["w"]) != 0)
+    # Adam with mu_dtype=float32 turns bfloat16 gradients into float32 updates.
+    assert updates["w"].dtype == good["w"].dtype == jnp.float32
 
 
 def test_zero_policy_zeroes_nonfinite_entries_before_inner():
