@@ -19,6 +19,7 @@ about NaN and infinity. See ``docs/design.md`` for the layers.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -119,22 +120,40 @@ def maxima(arrays: Sequence[jax.Array], elementwise: Callable[[jax.Array], jax.A
     max drops NaN from 10,000 entries on; testing ``isnan`` inside the reduction makes
     XLA write the values out and read them back. So each array is read by two fused
     reductions, its maximum and ``sum(a - a)`` (NaN exactly when an entry is NaN or
-    infinite), and only on such a step does a ``lax.cond`` tell NaN from ``inf``.
+    infinite), and only on such a step does a ``lax.cond`` tell NaN from ``inf``. The
+    tests are float sums added into one flag: boolean reductions (``any(isnan(.))``)
+    and a flag per array cost XLA:CPU twice the compile time (10 leaves: 0.23 s
+    against 0.13 s).
     """
     values = [elementwise(a) for a in arrays]
     if not values or not jnp.issubdtype(values[0].dtype, jnp.inexact):
         return [_max(v) for v in values]
     largest = [jnp.max(v, initial=0) for v in values]
-    # One flag per array (the arrays' dtypes may not promote: float8 beside float32).
-    nonfinite = stack_scalars([jnp.isnan(jnp.sum(a - a)) for a in arrays])
+    # Converted before adding: the arrays' dtypes may not promote (float8, float32).
+    nonfinite = functools.reduce(lax.add, [_f32(jnp.sum(a - a)) for a in arrays])
 
     def with_nan(largest):
         return [
-            jnp.where(jnp.any(jnp.isnan(elementwise(a))), jnp.nan, m).astype(m.dtype)
+            jnp.where(_has_nan(elementwise(a)), jnp.nan, m).astype(m.dtype)
             for a, m in zip(arrays, largest)
         ]
 
-    return lax.cond(jnp.any(nonfinite), with_nan, lambda largest: largest, largest)
+    return lax.cond(jnp.isnan(nonfinite), with_nan, lambda largest: largest, largest)
+
+
+def _f32(x: jax.Array) -> jax.Array:
+    """``x`` as a float32 that is NaN where ``x`` is (in either part of a complex)."""
+    if jnp.iscomplexobj(x):
+        x = lax.add(lax.real(x), lax.imag(x))
+    return lax.convert_element_type(x, np.float32)
+
+
+def _has_nan(magnitudes: jax.Array) -> jax.Array:
+    """Whether some of ``magnitudes`` (values >= 0, inf or NaN) is NaN: a float sum, 0
+    unless a NaN survives ``* 0`` once the infinities are zeroed."""
+    zero = np.zeros((), magnitudes.dtype)
+    finite = lax.select(magnitudes == np.inf, jnp.zeros_like(magnitudes), magnitudes)
+    return jnp.isnan(jnp.sum(finite * zero))
 
 
 def collective(value: Any, combine: str, axis_name: Any) -> Any:

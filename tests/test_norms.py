@@ -152,6 +152,22 @@ def test_non_finite_entries_of_large_leaves_are_reported(size, ord, bad, expecte
         np.testing.assert_equal(float(state.stats.norm), expected)
 
 
+@pytest.mark.parametrize("size", [10, 100_000])
+@pytest.mark.parametrize(
+    ("bad", "expected"),
+    [(complex(0, np.inf), np.inf), (complex(0, np.nan), np.nan), (complex(np.inf, np.nan), np.nan)],
+)
+def test_inf_norm_of_complex_leaves_beside_float8_sees_the_imaginary_part(size, bad, expected):
+    """The largest magnitude of a tree mixing dtypes that do not promote (float8,
+    complex64, float32) is NaN or inf as the entries say, whichever part holds them."""
+    z = jnp.ones(size, jnp.complex64).at[size // 2].set(bad)
+    tree = {"z": z, "f8": jnp.ones(4, jnp.float8_e4m3fn), "x": jnp.full(3, 2.0)}
+    norm = jax.jit(lambda t: gradclip_jax.global_norm(t, math.inf))(tree)
+    np.testing.assert_equal(float(norm), expected)
+    clean = jax.jit(lambda t: gradclip_jax.global_norm(t, math.inf))(dict(tree, z=jnp.ones(size)))
+    assert float(clean) == 2.0
+
+
 def test_float64_leaves_accumulate_in_float64():
     with jax.enable_x64(True):
         x = jnp.array([1e200, 1.0], jnp.float64)
