@@ -38,7 +38,8 @@ def outcomes(tmp_path_factory) -> dict[str, str]:
         PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
     )
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", str(CASES), "-q", "-p", "no:cacheprovider"]
+        # -n 0: one process (pyproject's -n auto already spreads the outer run).
+        [sys.executable, "-m", "pytest", str(CASES), "-q", "-n", "0", "-p", "no:cacheprovider"]
         + ["--tb=short", f"--junitxml={report}"],
         capture_output=True,
         text=True,

@@ -27,7 +27,9 @@ def test_multidevice_tests_pass_on_8_devices():
         XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0",
     )
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "tests/multidevice", "-q", "-p", "no:cacheprovider"]
+        # -n 0: one process (pyproject's -n auto already spreads the outer run).
+        [sys.executable, "-m", "pytest", "tests/multidevice", "-q", "-n", "0"]
+        + ["-p", "no:cacheprovider"]
         + ["--tb=short", "-rfEs"],
         capture_output=True,
         text=True,
