@@ -19,7 +19,6 @@ about NaN and infinity. See ``docs/design.md`` for the layers.
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -119,43 +118,43 @@ def maxima(arrays: Sequence[jax.Array], elementwise: Callable[[jax.Array], jax.A
     ``elementwise`` must not turn finite entries into NaN (``|a|`` does not). XLA's CPU
     max drops NaN from 10,000 entries on; testing ``isnan`` inside the reduction makes
     XLA write the values out and read them back. So each array is read by two fused
-    reductions, its maximum and ``sum(a - a)`` (NaN exactly when an entry is NaN or
-    infinite), and only on such a step does a ``lax.cond`` tell NaN from ``inf``. The
-    common path's tests are added into one float flag: a boolean flag per array,
-    stacked, compiled more slowly on XLA:CPU.
+    reductions, its maximum and :func:`any_nonfinite`'s sum, and only on such a step
+    does a ``lax.cond`` tell NaN from ``inf``.
     """
     values = [elementwise(a) for a in arrays]
     if not values or not jnp.issubdtype(values[0].dtype, jnp.inexact):
         return [_max(v) for v in values]
     largest = [jnp.max(v, initial=0) for v in values]
-    # Converted before adding: the arrays' dtypes may not promote (float8, float32).
-    nonfinite = functools.reduce(lax.add, [_f32(jnp.sum(a - a)) for a in arrays])
 
     def with_nan(largest):
+        # A boolean reduction here: float forms of this test compile a little faster but
+        # make XLA:CPU keep a full-size temporary per array in this branch (clip_by_value
+        # on 10 x 2M floats: 88 MB of temporaries instead of 20 MB).
         return [
-            jnp.where(_has_nan(elementwise(a)), jnp.nan, m).astype(m.dtype)
+            jnp.where(jnp.any(jnp.isnan(elementwise(a))), jnp.nan, m).astype(m.dtype)
             for a, m in zip(arrays, largest)
         ]
 
-    return lax.cond(jnp.isnan(nonfinite), with_nan, lambda largest: largest, largest)
+    return lax.cond(any_nonfinite(arrays), with_nan, lambda largest: largest, largest)
 
 
-def _f32(x: jax.Array) -> jax.Array:
-    """``x`` as a float32 that is NaN where ``x`` is (in either part of a complex)."""
-    if jnp.iscomplexobj(x):
-        x = lax.add(lax.real(x), lax.imag(x))
-    return lax.convert_element_type(x, np.float32)
+def any_nonfinite(arrays: Sequence[jax.Array]) -> jax.Array:
+    """Whether some entry of some array is NaN or infinite (False for none).
 
-
-def _has_nan(magnitudes: jax.Array) -> jax.Array:
-    """Whether some of ``magnitudes`` is NaN (the rare branch of :func:`maxima`).
-
-    A boolean reduction: the float forms tried (a sum of the NaN mask, or of the values
-    with the infinities zeroed, times 0) compile a little faster but make XLA:CPU keep a
-    full-size temporary per array in this branch: 88 MB instead of 20 MB of temporaries
-    for ``clip_by_value`` on 10 x 2M floats.
+    One float sum per array of ``a - a`` (0 when every entry is finite, so it cannot
+    overflow; NaN otherwise), the sums added into one float32 flag (complex: both
+    parts). XLA on CPU compiles a boolean ``any(~isfinite(a))`` reduction 4-5x slower
+    (0.3 s against 0.07 s for 100 leaves), and a stacked flag per array more slowly too.
     """
-    return jnp.any(jnp.isnan(magnitudes))
+    total = None
+    for a in arrays:
+        probe = jnp.sum(a - a)
+        if jnp.iscomplexobj(probe):
+            probe = lax.add(lax.real(probe), lax.imag(probe))
+        # Converted before adding: the arrays' dtypes may not promote (float8, float32).
+        probe = lax.convert_element_type(probe, np.float32)
+        total = probe if total is None else lax.add(total, probe)
+    return jnp.asarray(False) if total is None else jnp.isnan(total)
 
 
 def collective(value: Any, combine: str, axis_name: Any) -> Any:
