@@ -146,7 +146,7 @@ GUARD_DTYPES = ["float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2"
 
 @pytest.mark.parametrize("dtype", tiered(GUARD_DTYPES, fast=["float16", "complex64"]))
 def test_nonfinite_check_finds_one_bad_entry_in_any_leaf_and_dtype(dtype):
-    """The check is a float sum of x * 0: one NaN or inf anywhere, in a stacked small
+    """The check is a float sum of x - x: one NaN or inf anywhere, in a stacked small
     leaf or a large one, makes it NaN, and the largest finite values do not overflow it."""
     dtype = jnp.dtype(dtype)
     largest = float(jnp.finfo(dtype).max)
