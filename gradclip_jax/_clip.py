@@ -30,6 +30,7 @@ from jax import lax
 
 from gradclip_jax._norms import (
     accumulation_dtype,
+    entries,
     leaf_norm_pairs,
     norm_of_norms,
     norm_of_parts,
@@ -222,33 +223,6 @@ def _clip_element(fn, rule, state, leaves, ctx):
     return out, _absorbed(state, new_state, finite), measured
 
 
-def _entries(array: jax.Array) -> list[jax.Array]:
-    """``array[i]`` for every ``i`` along the leading axis, as separate arrays, cheap to
-    compile.
-
-    XLA on CPU compiles a kernel that slices a vector slowly (about 25 ms per slice),
-    so ``vector[i]`` for each of thousands of leaves dominates compile time. Masked sums
-    over a ``sqrt(n) x sqrt(n)`` grid read the same values exactly (every other term is
-    0) with small kernels: for 300 leaves, 6 s of compilation instead of 13.
-    """
-    n, rest = array.shape[0], array.shape[1:]
-    if n == 1:
-        return [lax.reshape(array, rest)]
-    width = math.isqrt(n - 1) + 1
-    rows = -(-n // width)
-    zero = np.zeros((), array.dtype)
-    padding = [(0, rows * width - n, 0)] + [(0, 0, 0)] * len(rest)
-    grid = lax.reshape(lax.pad(array, zero, padding), (rows, width, *rest))
-
-    def pick(block: jax.Array, i: int) -> jax.Array:  # sum(where(index == i, block, 0), 0)
-        mask = np.arange(block.shape[0]).reshape((-1,) + (1,) * (block.ndim - 1)) == i
-        zeros = np.zeros(block.shape, block.dtype)
-        return lax.reduce_sum(lax.select(np.broadcast_to(mask, block.shape), block, zeros), (0,))
-
-    entries = [pick(pick(grid, r), c) for r in range(rows) for c in range(width)]
-    return entries[:n]
-
-
 def _leaf_thresholds(fn, rule, state, norms, total, ctx):
     """Per-leaf rule thresholds, the rule ``vmap``-ed over the leaves.
 
@@ -308,7 +282,7 @@ def _clip_leaves(fn, rule, state, leaves, ctx):
     limits = thresholds * np.sqrt(sizes) if ctx.per_size else thresholds
     # Every scale in one small kernel; each leaf's multiply reads its own entry.
     scales = pair_scale(mantissas, inverses, limits)
-    out = [_scale_signed(x, e) for x, e in zip(leaves, _entries(_signed(scales, inverses)))]
+    out = [_scale_signed(x, e) for x, e in zip(leaves, entries(_signed(scales, inverses)))]
     after = norm_of_norms(mantissas * scales, ctx.ord)
     clipped = jnp.mean(inverses * scales < 1)
     measured = Measured(total, jnp.max(thresholds), after, clipped)
@@ -341,7 +315,7 @@ def _clip_units(fn, rule, state, leaves, ctx):
     out = [None] * len(leaves)
     for (positions, _, stacked), (s, i) in zip(groups, scales):
         signed = _signed(s, i)
-        for position, e in zip(positions, _entries(signed) if stacked else [signed]):
+        for position, e in zip(positions, entries(signed) if stacked else [signed]):
             out[position] = _scale_signed(leaves[position], e)
     if not pairs:
         return out, state, Measured(total, threshold, total, zero)

@@ -442,6 +442,33 @@ def shape_groups(leaves: Sequence[jax.Array], *companions: Sequence[jax.Array]) 
     return singles + [(p, tuple(arrays), True) for p, arrays in zip(several, stacks)]
 
 
+def entries(array: jax.Array) -> list[jax.Array]:
+    """``array[i]`` for every ``i`` along the leading axis, as separate arrays, cheap to
+    compile.
+
+    XLA on CPU compiles a kernel that slices a vector slowly (about 25 ms per slice),
+    so ``vector[i]`` for each of thousands of leaves dominates compile time. Masked sums
+    over a ``sqrt(n) x sqrt(n)`` grid read the same values exactly (every other term is
+    0) with small kernels: for 300 leaves, 6 s of compilation instead of 13.
+    """
+    n, rest = array.shape[0], array.shape[1:]
+    if n == 1:
+        return [lax.reshape(array, rest)]
+    width = math.isqrt(n - 1) + 1
+    rows = -(-n // width)
+    zero = np.zeros((), array.dtype)
+    padding = [(0, rows * width - n, 0)] + [(0, 0, 0)] * len(rest)
+    grid = lax.reshape(lax.pad(array, zero, padding), (rows, width, *rest))
+
+    def pick(block: jax.Array, i: int) -> jax.Array:  # sum(where(index == i, block, 0), 0)
+        mask = np.arange(block.shape[0]).reshape((-1,) + (1,) * (block.ndim - 1)) == i
+        zeros = np.zeros(block.shape, block.dtype)
+        return lax.reduce_sum(lax.select(np.broadcast_to(mask, block.shape), block, zeros), (0,))
+
+    entries = [pick(pick(grid, r), c) for r in range(rows) for c in range(width)]
+    return entries[:n]
+
+
 def leaf_norm_pairs(leaves: Sequence[jax.Array], ord: float, axis_name: Any = None):
     """``(mantissa, inverse)`` of every leaf's ``ord``-norm, as two vectors in leaf order.
 
@@ -626,14 +653,3 @@ def unitwise_norms(tree: Any, axis: int | tuple[int, ...] | None = None) -> Any:
       [[5. 1.]]
     """
     return _with_none(refill(tree, unit_norm_list(inexact_leaves(tree), axis)))
-
-
-def per_example_norms(leaves: Sequence[jax.Array], granularity: str) -> list[jax.Array]:
-    """L2 norms of every example (leading axis): one ``(batch,)`` vector for
-    ``"global"``, one per leaf for ``"leaf"``."""
-    axes = [tuple(range(1, x.ndim)) for x in leaves]
-    norms = block_norms(leaves, 2, axes=axes)
-    if granularity == "leaf":
-        return norms
-    wide = jnp.result_type(*norms)
-    return [norm_of_norms(jnp.stack([n.astype(wide) for n in norms]), 2, axis=0)]

@@ -41,10 +41,12 @@ from gradclip_jax import rules
 from gradclip_jax._clip import initial_rule_state
 from gradclip_jax._norms import (
     accumulation_dtype,
-    global_norm,
+    block_norms,
+    entries,
     norm_of_norms,
     pair_scale,
-    per_example_norms,
+    shape_groups,
+    tree_norm,
     wide_dtype,
 )
 from gradclip_jax._stats import ClipStats, NamedStats, check_name
@@ -95,10 +97,11 @@ def _leaf_limits(leaves: list[jax.Array], max_norm: Any, uniform: bool) -> list[
 
 
 class _Clipped(NamedTuple):
-    sums: list[jax.Array]  # per inexact leaf, the clipped sum in the accumulation dtype
+    groups: list  # shape_groups of the leaves: (positions, (array,), stacked)
+    sums: list[jax.Array]  # per group, the clipped sums in the accumulation dtype
     norms: jax.Array  # (batch,) global norm of each example, before clipping
     example_clipped: jax.Array  # (batch,) bool, the example was scaled down (any leaf)
-    leaf_clipped: list[jax.Array]  # per leaf, examples scaled down (int32); [] if global
+    leaf_clipped: list[jax.Array]  # per group, examples scaled down per leaf; [] if global
 
 
 def _example_scale(norm: jax.Array, limit: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -114,27 +117,53 @@ def _example_scale(norm: jax.Array, limit: Any) -> tuple[jax.Array, jax.Array, j
 
 
 def _clip_and_sum(leaves, max_norm, granularity, uniform) -> _Clipped:
-    norms = per_example_norms(leaves, granularity)
+    """Norms, scales and clipped sums, computed per group of small leaves of one shape
+    and dtype (:func:`shape_groups`, stacked along a new leading axis) rather than per
+    leaf: XLA on CPU compiles every reduction and multiply separately, and a kernel per
+    leaf made 1,000 small leaves take over a minute to compile."""
+    groups = shape_groups(leaves)
+    arrays = [a for _, (a,), _ in groups]
+    batch_axes = [int(stacked) for _, _, stacked in groups]  # a stack leads with the leaves
+    axes = [tuple(range(b + 1, a.ndim)) for a, b in zip(arrays, batch_axes)]
+    norms = block_norms(arrays, 2, axes=axes)  # (leaves, batch) or (batch,) per group
+    batch = arrays[0].shape[batch_axes[0]]
+    rows = [n.reshape(-1, batch) for n in norms]
+    wide = jnp.result_type(*norms)
+    # The examples' global norms from their leaves' norms, without overflowing.
+    total = norm_of_norms(jnp.concatenate([r.astype(wide) for r in rows]), 2, axis=0)
     if granularity == "global":
-        scales = [_example_scale(norms[0], max_norm)] * len(leaves)
-        total = norms[0]
+        scales = [_example_scale(total, max_norm)] * len(groups)
     else:
         limits = _leaf_limits(leaves, max_norm, uniform)
-        scales = [_example_scale(n, c) for n, c in zip(norms, limits)]
-        # The examples' global norms from their leaves' norms, without overflowing.
-        wide = jnp.result_type(*norms)
-        total = norm_of_norms(jnp.stack([n.astype(wide) for n in norms]), 2, axis=0)
+        scales = []
+        for (positions, _, stacked), n in zip(groups, norms):
+            limit = [limits[i] for i in positions]
+            limit = jnp.stack(limit)[:, None] if stacked else limit[0]
+            scales.append(_example_scale(n, limit))
     # A scaled sum over the batch, not a contraction: XLA reads the same values, and a
     # batch axis sharded across devices needs no output sharding to be chosen.
     sums = []
-    for x, (scale, inverse, _) in zip(leaves, scales):
-        acc, batch_shape = accumulation_dtype(x.dtype), (-1,) + (1,) * (x.ndim - 1)
-        factors = [f.astype(acc).reshape(batch_shape) for f in (inverse, scale)]
-        sums.append(jnp.sum(x.astype(wide_dtype(x.dtype)) * factors[0] * factors[1], axis=0))
+    for x, b, (scale, inverse, _) in zip(arrays, batch_axes, scales):
+        acc = accumulation_dtype(x.dtype)
+        # (batch,) or (leaves, batch) factors against the leading axes of the block.
+        shape = (1,) * (b + 1 - scale.ndim) + scale.shape + (1,) * (x.ndim - b - 1)
+        factors = [jnp.reshape(f.astype(acc), shape) for f in (inverse, scale)]
+        sums.append(jnp.sum(x.astype(wide_dtype(x.dtype)) * factors[0] * factors[1], axis=b))
     if granularity == "global":
-        return _Clipped(sums, total, scales[0][2], [])
-    clipped = jnp.any(jnp.stack([over for _, _, over in scales]), axis=0)
-    return _Clipped(sums, total, clipped, [jnp.sum(o).astype(jnp.int32) for _, _, o in scales])
+        return _Clipped(groups, sums, total, scales[0][2], [])
+    overs = [over.reshape(-1, batch) for _, _, over in scales]
+    clipped = jnp.any(jnp.concatenate(overs), axis=0)
+    counts = [jnp.sum(o, axis=-1).astype(jnp.int32) for _, _, o in scales]
+    return _Clipped(groups, sums, total, clipped, counts)
+
+
+def _split(groups: list, values: list[jax.Array], count: int) -> list[jax.Array]:
+    """Per leaf, in leaf order, the rows of each group's ``values`` (one per leaf)."""
+    out: list[Any] = [None] * count
+    for (positions, _, stacked), v in zip(groups, values):
+        for position, row in zip(positions, entries(v) if stacked else [v]):
+            out[position] = row
+    return out
 
 
 def per_example_clip(
@@ -198,11 +227,11 @@ def per_example_clip(
     leaves = inexact_leaves(per_example_grads)
     _batch_size(fn, per_example_grads, leaves)
     clipped = _clip_and_sum(leaves, max_norm, granularity, uniform)
-    sums = [s.astype(x.dtype) for s, x in zip(clipped.sums, leaves)]
-    total = refill(per_example_grads, sums)
+    sums = [s.astype(a.dtype) for s, (_, (a,), _) in zip(clipped.sums, clipped.groups)]
+    total = refill(per_example_grads, _split(clipped.groups, sums, len(leaves)))
     if granularity == "global":
         return total, jnp.sum(clipped.example_clipped).astype(jnp.int32)
-    counts = refill(per_example_grads, clipped.leaf_clipped)
+    counts = refill(per_example_grads, _split(clipped.groups, clipped.leaf_clipped, len(leaves)))
     return total, jax.tree.map(lambda c, x: c if is_inexact(x) else None, counts, per_example_grads)
 
 
@@ -254,7 +283,7 @@ def _gaussian(key: jax.Array, like: jax.Array) -> jax.Array:
     noise = jax.random.normal(key, like.shape, like.dtype)
     # jax draws complex normals with variance 1/2 per part; DP needs the full variance
     # on each real coordinate.
-    return noise * math.sqrt(2) if jnp.iscomplexobj(like) else noise
+    return noise * math.sqrt(2) if jnp.issubdtype(like.dtype, jnp.complexfloating) else noise
 
 
 def _layout(x: jax.Array) -> Any:
@@ -262,21 +291,31 @@ def _layout(x: jax.Array) -> Any:
     return getattr(sharding, "spec", None)
 
 
-def _gaussians(keys: jax.Array, likes: list[jax.Array]) -> list[jax.Array]:
-    """``_gaussian(keys[i], likes[i])`` for every leaf, one draw per group of leaves of
-    the same shape, dtype and layout: the draws are ``vmap``-ed over the group's keys,
-    which gives the same numbers as one draw per leaf (as optax's) with one
-    random-number kernel per group. A kernel per leaf made compile time grow far faster
-    than the number of leaves."""
-    groups: dict[Any, list[int]] = {}
-    for i, x in enumerate(likes):
-        groups.setdefault((x.shape, x.dtype, _layout(x)), []).append(i)
-    noise: list[Any] = [None] * len(likes)
-    for members in groups.values():
-        like = likes[members[0]]
-        draws = jax.vmap(lambda k, like=like: _gaussian(k, like))(keys[np.asarray(members)])
-        for j, i in enumerate(members):
-            noise[i] = draws[j]
+def _gaussians(keys: jax.Array, groups: list, sums: list[jax.Array]) -> list[jax.Array]:
+    """Per group of leaves, noise shaped like its sums: each leaf's row drawn with
+    ``_gaussian(keys[leaf], row)``, the numbers one draw per leaf gives (as optax's).
+    Rows of the same shape, dtype and layout, a stack's or single leaves', come from one
+    draw ``vmap``-ed over their keys: one random-number kernel per shape rather than per
+    leaf, whose compile time grew far faster than the number of leaves."""
+    kinds: dict[Any, list[int]] = {}
+    for g, ((_, _, stacked), s) in enumerate(zip(groups, sums)):
+        row = s.shape[1:] if stacked else s.shape
+        kinds.setdefault((row, s.dtype, _layout(s)), []).append(g)
+    noise: list[Any] = [None] * len(groups)
+    for (row, dtype, _), members in kinds.items():
+        like = jax.ShapeDtypeStruct(row, dtype)
+        leaves = np.concatenate([np.asarray(groups[g][0]) for g in members])
+        draws = jax.vmap(lambda k, like=like: _gaussian(k, like))(keys[leaves])
+        start = 0
+        for g in members:
+            positions, _, stacked = groups[g]
+            if not stacked:
+                noise[g] = draws[start]
+            elif len(positions) == len(leaves):
+                noise[g] = draws
+            else:
+                noise[g] = draws[start : start + len(positions)]
+            start += len(positions)
     return noise
 
 
@@ -291,14 +330,17 @@ def _clipped_totals(leaves, clip_norm, granularity, uniform, axis_name, batch):
         jnp.sum(clipped.norms <= clip_norm).astype(jnp.float32),
         jnp.sum(clipped.norms / batch),
     )
-    return totals if axis_name is None else lax.psum(totals, axis_name)
+    if axis_name is not None:
+        totals = lax.psum(totals, axis_name)
+    return clipped.groups, totals
 
 
-def _noised_means(sums, keys, leaves, noise_std, batch):
-    """Each clipped sum plus Gaussian noise of ``noise_std``, over the batch size."""
+def _noised_means(sums, keys, groups, noise_std, batch):
+    """Each group's clipped sums plus Gaussian noise of ``noise_std``, over the batch
+    size, in the leaves' dtype."""
     return [
-        ((s + noise_std.astype(s.real.dtype) * z) / batch).astype(x.dtype)
-        for s, z, x in zip(sums, _gaussians(keys, sums), leaves)
+        ((s + noise_std.astype(s.real.dtype) * z) / batch).astype(a.dtype)
+        for s, z, (_, (a,), _) in zip(sums, _gaussians(keys, groups, sums), groups)
     ]
 
 
@@ -489,7 +531,7 @@ def dp_aggregate(
         if axis_name is not None:
             batch = batch * lax.psum(1, axis_name)
         clip_norm = state.rule_state.threshold if adaptive else jnp.asarray(max_norm, jnp.float32)
-        totals = _clipped_totals(leaves, clip_norm, granularity, uniform, axis_name, batch)
+        groups, totals = _clipped_totals(leaves, clip_norm, granularity, uniform, axis_name, batch)
         sums, clipped_count, unclipped, norm_mean = totals
 
         key = jax.random.wrap_key_data(state.rng_key, **impl)
@@ -501,8 +543,8 @@ def dp_aggregate(
         else:
             multiplier = jnp.asarray(noise_multiplier, jnp.float32)
         noise_std = jnp.where(multiplier > 0, multiplier * clip_norm, 0.0)  # 0 * inf is NaN
-        noised = _noised_means(sums, keys[1 : len(leaves) + 1], leaves, noise_std, batch)
-        out = refill(updates, noised)
+        noised = _noised_means(sums, keys[1 : len(leaves) + 1], groups, noise_std, batch)
+        out = refill(updates, _split(groups, noised, len(leaves)))
 
         rule_state = state.rule_state
         if adaptive:
@@ -513,7 +555,7 @@ def dp_aggregate(
             )
         stats = state.stats.replace(
             state.stats.record.advance(
-                norm_mean, clip_norm, global_norm(out), clipped_count / batch
+                norm_mean, clip_norm, tree_norm(noised, 2), clipped_count / batch
             )
         )
         return out, DPAggregateState(jax.random.key_data(new_key), rule_state, stats)

@@ -81,6 +81,48 @@ def test_leaf_matches_optax(uniform):
             assert jax.tree.map(int, counts) == jax.tree.map(int, their_counts)
 
 
+def _grouped_batch(seed, batch=6):
+    """Leaves that are clipped as stacks (several small leaves of one shape and dtype,
+    in two dtypes), beside lone ones: a unique shape, a scalar, and a large leaf."""
+    rng = np.random.default_rng(seed)
+    spread = 10.0 ** rng.uniform(-1, 1, size=batch)
+    shapes = [(4, 3), (2,), (4, 3), (), (4, 3), (2,), (5, 7), (), (70, 70), (2,)]
+    grads = {}
+    for i, shape in enumerate(shapes):
+        x = rng.normal(size=(batch, *shape)) * spread.reshape((-1,) + (1,) * len(shape))
+        grads[f"l{i}"] = jnp.asarray(x, jnp.bfloat16 if i in (5, 9) else jnp.float32)
+    grads["l1"] = grads["l1"] * 40  # one leaf of a stack far above its share
+    return grads
+
+
+@pytest.mark.parametrize(
+    "granularity, uniform", [("global", True), ("leaf", True), ("leaf", False)]
+)
+def test_stacked_leaves_match_optax(granularity, uniform):
+    """Small leaves of one shape are clipped as one stack (one kernel per shape): every
+    leaf, its count and its noise are still optax's, in leaf order."""
+    for max_norm in (0.2, 2.0):
+        grads = _grouped_batch(int(max_norm * 10))
+        ours, counts = _clip(grads, max_norm, granularity=granularity, uniform=uniform)
+        if granularity == "global":
+            theirs, their_counts = _optax_global(grads, max_norm)
+        else:
+            theirs, their_counts = _optax_layer(grads, max_norm, uniform=uniform)
+        chex.assert_trees_all_close(ours, theirs, rtol=1e-2, atol=1e-2 * max_norm)  # bfloat16
+        f32 = [k for k, x in grads.items() if x.dtype == jnp.float32]
+        chex.assert_trees_all_close({k: ours[k] for k in f32}, {k: theirs[k] for k in f32}, **CLOSE)
+        assert jax.tree.map(int, counts) == jax.tree.map(int, their_counts)
+    key = jax.random.key(11)
+    tx = dp_aggregate(1.0, noise_multiplier=0.8, seed=key, granularity=granularity)
+    out, _ = jax.jit(tx.update)(grads, tx.init(None))
+    if granularity == "global":
+        theirs = optax.contrib.differentially_private_aggregate(1.0, 0.8, key=key)
+        expected, _ = theirs.update(grads, theirs.init(None))
+        chex.assert_trees_all_close(out, expected, rtol=1e-2, atol=1e-3)
+    # Each leaf's noise comes from its own key: no two leaves of a stack share it.
+    assert not np.allclose(out["l0"], out["l2"]) and not np.allclose(out["l2"], out["l4"])
+
+
 def test_global_against_definition_float64():
     grads = _batch(7)
     norms = _norms64(grads)

@@ -18,8 +18,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import gradclip_jax
-from gradclip_jax._clip import _entries
-from gradclip_jax._norms import leaf_norm_pairs
+from gradclip_jax._norms import entries, leaf_norm_pairs
 
 
 def _mixed_leaves(seed=0):
@@ -97,19 +96,26 @@ def test_a_nan_in_one_stacked_leaf_stays_in_that_leaf():
     n=st.integers(1, 70),
     trailing=st.sampled_from([(), (1,), (2, 3)]),
     specials=st.lists(st.sampled_from([np.inf, -np.inf, np.nan, 0.0, -1e38]), max_size=4),
+    dtype=st.sampled_from([jnp.float32, jnp.bfloat16, jnp.int32]),
     seed=st.integers(0, 2**16),
 )
-def test_entries_read_back_every_row_exactly(n, trailing, specials, seed):
+def test_entries_read_back_every_row_exactly(n, trailing, specials, dtype, seed):
+    """Float32 scales, bfloat16 clipped sums and int32 counts (per_example_clip) are
+    split into rows by masked sums: every row exact, non-finite values included."""
     rng = np.random.default_rng(seed)
-    array = rng.normal(size=(n, *trailing)).astype(np.float32)
+    array = (rng.normal(size=(n, *trailing)) * 1e3).astype(np.float32)
     flat = array.reshape(-1)
     for value in specials:
         flat[rng.integers(flat.size)] = value
-    rows = jax.jit(_entries)(array)
+    if dtype == jnp.int32:
+        array = np.clip(np.nan_to_num(array, posinf=7, neginf=-7), -1e9, 1e9).astype(np.int32)
+    array = jnp.asarray(array, dtype)
+    rows = jax.jit(entries)(array)
     assert len(rows) == n
     for i, row in enumerate(rows):
-        assert row.shape == trailing
-        np.testing.assert_array_equal(np.asarray(row), array[i])
+        assert row.shape == trailing and row.dtype == dtype
+        wide = np.float64 if dtype == jnp.int32 else np.float32  # NaN == NaN for bfloat16 too
+        np.testing.assert_array_equal(np.asarray(row, wide), np.asarray(array[i], wide))
 
 
 def _numpy_agc(g, p, clipping, eps):
