@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _tiers import tiered
 
 import gradclip_jax
 from gradclip_jax import _per_example, dp_aggregate, per_example_clip, rules
@@ -96,11 +97,12 @@ def _grouped_batch(seed, batch=6):
 
 
 @pytest.mark.parametrize(
-    "granularity, uniform", [("global", True), ("leaf", True), ("leaf", False)]
+    "variant", tiered(["global", "leaf-uniform", "leaf-by-size"], fast=["global"])
 )
-def test_stacked_leaves_match_optax(granularity, uniform):
+def test_stacked_leaves_match_optax(variant):
     """Small leaves of one shape are clipped as one stack (one kernel per shape): every
     leaf, its count and its noise are still optax's, in leaf order."""
+    granularity, uniform = variant.split("-")[0], variant != "leaf-by-size"
     for max_norm in (0.2, 2.0):
         grads = _grouped_batch(int(max_norm * 10))
         ours, counts = _clip(grads, max_norm, granularity=granularity, uniform=uniform)
