@@ -35,6 +35,11 @@ __all__ = ["global_norm", "leaf_norms", "unitwise_norms", "unit_axes"]
 
 # Leaves with at most this many elements are concatenated into a shared reduction.
 SMALL_LEAF_SIZE = 4096
+# The most elements per row times sqrt(rows) to split with entries(), which reads its
+# input about 2 sqrt(rows) times. dp_aggregate's run time against one kernel per leaf,
+# 2 CPUs: 1,000 rows of 128 or 300 of 256 0.8-0.9x, 100 of 512 1.2x (all below this
+# bound); 1,000 of 256 1.6x and 300 of 1,024 6x (above it).
+ENTRY_READS = 6144
 
 
 def accumulation_dtype(dtype: Any) -> jnp.dtype:
@@ -418,13 +423,18 @@ def norm_of_parts(parts: Sequence[jax.Array]) -> jax.Array:
     return norm_of_norms(stack_scalars(parts))
 
 
-def shape_groups(leaves: Sequence[jax.Array], *companions: Sequence[jax.Array]) -> list:
+def shape_groups(
+    leaves: Sequence[jax.Array],
+    *companions: Sequence[jax.Array],
+    stackable: Callable[[jax.Array, int], bool] | None = None,
+) -> list:
     """The leaves grouped by shape and dtypes: ``(positions, arrays, stacked)`` per group.
 
     ``arrays`` holds one array per sequence (``leaves``, then each companion, e.g. the
     parameters paired with the updates). A group of several small leaves is stacked
     along a new leading axis (``stacked``), behind an optimisation barrier; a large
-    leaf, one on a mesh, or one whose shape no other leaf has stays as it is.
+    leaf, one on a mesh, or one whose shape no other leaf has stays as it is, and so do
+    the leaves of a group for which ``stackable(leaf, group size)`` is false.
     """
     sequences = (leaves, *companions)
     keys: dict[Any, list[int]] = {}
@@ -432,6 +442,11 @@ def shape_groups(leaves: Sequence[jax.Array], *companions: Sequence[jax.Array]) 
         big = x.size > SMALL_LEAF_SIZE or any(_on_mesh(s[i]) for s in sequences)
         key = ("alone", i) if big else (x.shape, tuple(s[i].dtype for s in sequences))
         keys.setdefault(key, []).append(i)
+    if stackable is not None:
+        for key, p in list(keys.items()):
+            if len(p) > 1 and not stackable(leaves[p[0]], len(p)):
+                del keys[key]
+                keys.update({("alone", i): [i] for i in p})
     singles = [(p, tuple(s[p[0]] for s in sequences), False) for p in keys.values() if len(p) == 1]
     several = [p for p in keys.values() if len(p) > 1]
     stacks = [
@@ -449,7 +464,9 @@ def entries(array: jax.Array) -> list[jax.Array]:
     XLA on CPU compiles a kernel that slices a vector slowly (about 25 ms per slice),
     so ``vector[i]`` for each of thousands of leaves dominates compile time. Masked sums
     over a ``sqrt(n) x sqrt(n)`` grid read the same values exactly (every other term is
-    0) with small kernels: for 300 leaves, 6 s of compilation instead of 13.
+    0) with small kernels: for 300 leaves, 6 s of compilation instead of 13. They read
+    the array about ``2 sqrt(n)`` times (:data:`ENTRY_READS` bounds what a caller
+    splits this way).
     """
     n, rest = array.shape[0], array.shape[1:]
     if n == 1:
@@ -461,9 +478,11 @@ def entries(array: jax.Array) -> list[jax.Array]:
     grid = lax.reshape(lax.pad(array, zero, padding), (rows, width, *rest))
 
     def pick(block: jax.Array, i: int) -> jax.Array:  # sum(where(index == i, block, 0), 0)
-        mask = np.arange(block.shape[0]).reshape((-1,) + (1,) * (block.ndim - 1)) == i
-        zeros = np.zeros(block.shape, block.dtype)
-        return lax.reduce_sum(lax.select(np.broadcast_to(mask, block.shape), block, zeros), (0,))
+        # Broadcasts, not constants of the block's shape: those were captured whole
+        # (gigabytes for a thousand wide rows).
+        mask = lax.broadcast_in_dim(np.arange(block.shape[0]) == i, block.shape, (0,))
+        zeros = lax.full(block.shape, 0, block.dtype)
+        return lax.reduce_sum(lax.select(mask, block, zeros), (0,))
 
     entries = [pick(pick(grid, r), c) for r in range(rows) for c in range(width)]
     return entries[:n]

@@ -40,6 +40,7 @@ from jax import lax
 from gradclip_jax import rules
 from gradclip_jax._clip import initial_rule_state
 from gradclip_jax._norms import (
+    ENTRY_READS,
     accumulation_dtype,
     block_norms,
     entries,
@@ -116,12 +117,19 @@ def _example_scale(norm: jax.Array, limit: Any) -> tuple[jax.Array, jax.Array, j
     return pair_scale(norm * inverse, inverse, limit), inverse, over
 
 
+def _cheap_to_split(leaf: jax.Array, count: int) -> bool:
+    """Whether ``count`` leaves like ``leaf`` are clipped as a stack: the sums come out
+    as one row per leaf, split with :func:`entries`, whose reads grow with the row's
+    size times ``sqrt(count)``."""
+    return math.isqrt(count - 1) + 1 <= ENTRY_READS // max(leaf[0].size, 1)
+
+
 def _clip_and_sum(leaves, max_norm, granularity, uniform) -> _Clipped:
     """Norms, scales and clipped sums, computed per group of small leaves of one shape
     and dtype (:func:`shape_groups`, stacked along a new leading axis) rather than per
     leaf: XLA on CPU compiles every reduction and multiply separately, and a kernel per
     leaf made 1,000 small leaves take over a minute to compile."""
-    groups = shape_groups(leaves)
+    groups = shape_groups(leaves, stackable=_cheap_to_split)
     arrays = [a for _, (a,), _ in groups]
     batch_axes = [int(stacked) for _, _, stacked in groups]  # a stack leads with the leaves
     axes = [tuple(range(b + 1, a.ndim)) for a, b in zip(arrays, batch_axes)]
