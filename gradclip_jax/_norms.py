@@ -478,10 +478,13 @@ def entries(array: jax.Array) -> list[jax.Array]:
     grid = lax.reshape(lax.pad(array, zero, padding), (rows, width, *rest))
 
     def pick(block: jax.Array, i: int) -> jax.Array:  # sum(where(index == i, block, 0), 0)
-        # Broadcasts, not constants of the block's shape: those were captured whole
-        # (gigabytes for a thousand wide rows).
-        mask = lax.broadcast_in_dim(np.arange(block.shape[0]) == i, block.shape, (0,))
-        zeros = lax.full(block.shape, 0, block.dtype)
+        mask = np.arange(block.shape[0]) == i
+        if block.size <= SMALL_LEAF_SIZE:  # small constants (the per-leaf scales)
+            mask = np.broadcast_to(mask.reshape((-1,) + (1,) * (block.ndim - 1)), block.shape)
+            zeros = np.zeros(block.shape, block.dtype)
+        else:  # constants of a large block's shape were captured whole (gigabytes)
+            mask = lax.broadcast_in_dim(mask, block.shape, (0,))
+            zeros = lax.full(block.shape, 0, block.dtype)
         return lax.reduce_sum(lax.select(mask, block, zeros), (0,))
 
     entries = [pick(pick(grid, r), c) for r in range(rows) for c in range(width)]

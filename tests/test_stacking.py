@@ -95,7 +95,7 @@ def test_a_nan_in_one_stacked_leaf_stays_in_that_leaf():
 
 @given(
     n=st.integers(1, 70),
-    trailing=st.sampled_from([(), (1,), (2, 3)]),
+    trailing=st.sampled_from([(), (1,), (2, 3), (1, 80)]),  # (1, 80): blocks over 4,096
     specials=st.lists(st.sampled_from([np.inf, -np.inf, np.nan, 0.0, -1e38]), max_size=4),
     dtype=st.sampled_from([jnp.float32, jnp.bfloat16, jnp.int32]),
     seed=st.integers(0, 2**16),
