@@ -40,6 +40,7 @@ from gradclip_jax._norms import (
     shape_groups,
     tree_norm,
     tree_norm_pair,
+    ungroup,
     unit_axes,
     wide_dtype,
 )
@@ -312,11 +313,8 @@ def _clip_units(fn, rule, state, leaves, ctx):
         sums.scale(r, f, 2, threshold.astype(r.dtype), relative=p)
         for (r, f), p in zip(grads, params)
     ]
-    out = [None] * len(leaves)
-    for (positions, _, stacked), (s, i) in zip(groups, scales):
-        signed = _signed(s, i)
-        for position, e in zip(positions, entries(signed) if stacked else [signed]):
-            out[position] = _scale_signed(leaves[position], e)
+    signed = ungroup(groups, [_signed(s, i) for s, i in scales], len(leaves))
+    out = [_scale_signed(x, e) for x, e in zip(leaves, signed)]
     if not pairs:
         return out, state, Measured(total, threshold, total, zero)
     after = norm_of_parts([m * s for (m, _), (s, _) in zip(pairs, scales)])

@@ -457,6 +457,16 @@ def shape_groups(
     return singles + [(p, tuple(arrays), True) for p, arrays in zip(several, stacks)]
 
 
+def ungroup(groups: list, values: Sequence[Any], count: int) -> list:
+    """Per leaf, in leaf order, its part of each group's ``values`` (of
+    :func:`shape_groups`): the value itself for a lone leaf, its row of a stack's."""
+    out: list[Any] = [None] * count
+    for (positions, _, stacked), v in zip(groups, values):
+        for position, row in zip(positions, entries(v) if stacked else [v]):
+            out[position] = row
+    return out
+
+
 def entries(array: jax.Array) -> list[jax.Array]:
     """``array[i]`` for every ``i`` along the leading axis, as separate arrays, cheap to
     compile.

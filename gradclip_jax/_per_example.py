@@ -43,11 +43,11 @@ from gradclip_jax._norms import (
     ENTRY_READS,
     accumulation_dtype,
     block_norms,
-    entries,
     norm_of_norms,
     pair_scale,
     shape_groups,
     tree_norm,
+    ungroup,
     wide_dtype,
 )
 from gradclip_jax._stats import ClipStats, NamedStats, check_name
@@ -121,7 +121,7 @@ def _cheap_to_split(leaf: jax.Array, count: int) -> bool:
     """Whether ``count`` leaves like ``leaf`` are clipped as a stack: the sums come out
     as one row per leaf, split with :func:`entries`, whose reads grow with the row's
     size times ``sqrt(count)``."""
-    return math.isqrt(count - 1) + 1 <= ENTRY_READS // max(leaf[0].size, 1)
+    return math.isqrt(count - 1) + 1 <= ENTRY_READS // max(math.prod(leaf.shape[1:]), 1)
 
 
 def _clip_and_sum(leaves, max_norm, granularity, uniform) -> _Clipped:
@@ -163,15 +163,6 @@ def _clip_and_sum(leaves, max_norm, granularity, uniform) -> _Clipped:
     clipped = jnp.any(jnp.concatenate(overs), axis=0)
     counts = [jnp.sum(o, axis=-1).astype(jnp.int32) for _, _, o in scales]
     return _Clipped(groups, sums, total, clipped, counts)
-
-
-def _split(groups: list, values: list[jax.Array], count: int) -> list[jax.Array]:
-    """Per leaf, in leaf order, the rows of each group's ``values`` (one per leaf)."""
-    out: list[Any] = [None] * count
-    for (positions, _, stacked), v in zip(groups, values):
-        for position, row in zip(positions, entries(v) if stacked else [v]):
-            out[position] = row
-    return out
 
 
 def per_example_clip(
@@ -236,10 +227,10 @@ def per_example_clip(
     _batch_size(fn, per_example_grads, leaves)
     clipped = _clip_and_sum(leaves, max_norm, granularity, uniform)
     sums = [s.astype(a.dtype) for s, (_, (a,), _) in zip(clipped.sums, clipped.groups)]
-    total = refill(per_example_grads, _split(clipped.groups, sums, len(leaves)))
+    total = refill(per_example_grads, ungroup(clipped.groups, sums, len(leaves)))
     if granularity == "global":
         return total, jnp.sum(clipped.example_clipped).astype(jnp.int32)
-    counts = refill(per_example_grads, _split(clipped.groups, clipped.leaf_clipped, len(leaves)))
+    counts = refill(per_example_grads, ungroup(clipped.groups, clipped.leaf_clipped, len(leaves)))
     return total, jax.tree.map(lambda c, x: c if is_inexact(x) else None, counts, per_example_grads)
 
 
@@ -552,7 +543,7 @@ def dp_aggregate(
             multiplier = jnp.asarray(noise_multiplier, jnp.float32)
         noise_std = jnp.where(multiplier > 0, multiplier * clip_norm, 0.0)  # 0 * inf is NaN
         noised = _noised_means(sums, keys[1 : len(leaves) + 1], groups, noise_std, batch)
-        out = refill(updates, _split(groups, noised, len(leaves)))
+        out = refill(updates, ungroup(groups, noised, len(leaves)))
 
         rule_state = state.rule_state
         if adaptive:
