@@ -18,7 +18,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import gradclip_jax
-from gradclip_jax._norms import entries, leaf_norm_pairs, shape_groups
+from gradclip_jax import _norms
+from gradclip_jax._norms import chunks, entries, leaf_norm_pairs, shape_groups
 from gradclip_jax._per_example import _cheap_to_split
 
 
@@ -117,6 +118,42 @@ def test_entries_read_back_every_row_exactly(n, trailing, specials, dtype, seed)
         assert row.shape == trailing and row.dtype == dtype
         wide = np.float64 if dtype == jnp.int32 else np.float32  # NaN == NaN for bfloat16 too
         np.testing.assert_array_equal(np.asarray(row, wide), np.asarray(array[i], wide))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("n", [1025, 1500])
+def test_entries_beyond_a_square_grid_are_exact_and_sum_short_axes(n):
+    """Past PICK_WIDTH^2 entries the grid gets a third level, so that no masked sum runs
+    over more than PICK_WIDTH values (XLA on CPU splits longer ones into 3 kernels)."""
+    array = jnp.asarray(np.random.default_rng(n).normal(size=n), jnp.float32)
+    array = array.at[7].set(jnp.nan).at[n - 1].set(-jnp.inf)
+    rows = jax.jit(entries)(array)
+    np.testing.assert_array_equal(np.stack(rows), array)
+    jaxpr = jax.make_jaxpr(entries)(array).jaxpr
+    summed = [e.invars[0].aval.shape[0] for e in jaxpr.eqns if e.primitive.name == "reduce_sum"]
+    assert len(summed) >= n and max(summed) <= _norms.PICK_WIDTH
+
+
+@given(count=st.integers(0, 700), most=st.integers(1, 200))
+def test_chunks_are_the_fewest_near_equal_runs_in_order(count, most):
+    runs = chunks(list(range(count)), most)
+    assert [i for run in runs for i in run] == list(range(count))
+    assert len(runs) == -(-count // most)
+    assert all(run and len(run) <= most for run in runs)
+    assert max(map(len, runs), default=0) - min(map(len, runs), default=0) <= 1
+
+
+def test_large_groups_are_stacked_in_runs_of_at_most_chunk_leaves():
+    """A concatenation of thousands of operands compiles slowly on CPU: a group of 300
+    leaves of one shape becomes 3 stacks of 100, each exactly its leaves."""
+    leaves = [jnp.full((2, 3), float(i)) for i in range(300)] + [jnp.ones((4,))] * 3
+    groups = shape_groups(leaves)
+    stacked = sorted((p for p, _, s in groups if s), key=lambda p: p[0])
+    assert [len(p) for p in stacked] == [100, 100, 100, 3]
+    assert sorted(i for p, _, _ in groups for i in p) == list(range(len(leaves)))
+    for positions, (array,), _ in groups:
+        assert array.shape[0] <= _norms.CHUNK_LEAVES
+        np.testing.assert_array_equal(array, jnp.stack([leaves[i] for i in positions]))
 
 
 def _numpy_agc(g, p, clipping, eps):
