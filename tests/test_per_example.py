@@ -119,7 +119,7 @@ def test_stacked_leaves_match_optax(variant):
     out, _ = jax.jit(tx.update)(grads, tx.init(None))
     if granularity == "global":
         theirs = optax.contrib.differentially_private_aggregate(1.0, 0.8, key=key)
-        expected, _ = theirs.update(grads, theirs.init(None))
+        expected, _ = jax.jit(theirs.update)(grads, theirs.init(None))  # eager: 2x slower
         chex.assert_trees_all_close(out, expected, rtol=1e-2, atol=1e-3)
     # Each leaf's noise comes from its own key: no two leaves of a stack share it.
     assert not np.allclose(out["l0"], out["l2"]) and not np.allclose(out["l2"], out["l4"])
