@@ -2,6 +2,7 @@
 
 import math
 import pickle
+import re
 
 import jax
 import jax.numpy as jnp
@@ -232,6 +233,31 @@ def test_raise_under_jit_names_the_offending_leaf():
         CALLBACK_ERRORS, match=r"non-finite .* in 1 of 2 leaves: \['head'\]\['bias'\]\."
     ):
         jax.block_until_ready(update(bad, state, params))
+
+
+@pytest.mark.parametrize("batched", [False, True], ids=["one state", "vmap over states"])
+def test_raise_names_the_bad_leaves_among_many_of_one_shape(batched):
+    """The per-leaf flags are computed per stack of leaves of one shape (and dtype) and
+    put back in leaf order on the host: the message names exactly the bad leaves, here
+    inside and at the ends of stacks of 40 and 12 leaves, beside lone ones; under vmap
+    over states, those of the one row that has them."""
+    params = {f"a{i:02d}": jnp.zeros((2, 3)) for i in range(40)}
+    params |= {f"b{i:02d}": jnp.zeros(5, jnp.bfloat16) for i in range(12)}
+    params |= {"c": jnp.zeros(7), "d": jnp.zeros((), jnp.complex64)}
+    bad = {"a00": (0, 1), "a17": (1, 2), "b11": (4,), "d": ()}
+    grads = jax.tree.map(jnp.ones_like, params)
+    tx = on_nonfinite(optax.sgd(0.1), policy="raise")
+    if batched:  # row 1 has the bad leaves; rows 0 and 2 are clean
+        grads = jax.tree.map(lambda x: jnp.stack([x] * 3), grads)
+        grads = {k: v.at[(1, *bad[k])].set(jnp.nan) if k in bad else v for k, v in grads.items()}
+        states = jax.vmap(lambda _: tx.init(params))(jnp.arange(3))
+        update = jax.jit(jax.vmap(tx.update, in_axes=(0, 0, None)))
+    else:
+        grads = {k: v.at[bad[k]].set(jnp.nan) if k in bad else v for k, v in grads.items()}
+        states, update = tx.init(params), jax.jit(tx.update)
+    listed = re.escape("['a00'], ['a17'], ['b11'], ['d']")
+    with pytest.raises(CALLBACK_ERRORS, match=rf"in 4 of 54 leaves: {listed}\."):
+        jax.block_until_ready(update(grads, states, params))
 
 
 @pytest.mark.parametrize("policy", ["skip", "zero", "propagate"])
