@@ -510,10 +510,7 @@ def entries(array: jax.Array) -> list[jax.Array]:
     n, rest = array.shape[0], array.shape[1:]
     if n == 1:
         return [lax.reshape(array, rest)]
-    levels = 2
-    while PICK_WIDTH**levels < n:
-        levels += 1
-    width = _root_up(n, levels)
+    levels, width = _entry_grid(n)
     rows = -(-n // width ** (levels - 1))
     zero = np.zeros((), array.dtype)
     padding = [(0, rows * width ** (levels - 1) - n, 0)] + [(0, 0, 0)] * len(rest)
@@ -539,6 +536,21 @@ def entries(array: jax.Array) -> list[jax.Array]:
         return [e for r in parts for e in split(pick(block, r), min(step, count - r * step))]
 
     return split(grid, n)
+
+
+def _entry_grid(n: int) -> tuple[int, int]:
+    """``(levels, width)`` of the grid through which :func:`entries` reads ``n`` entries:
+    two levels up to ``PICK_WIDTH**2`` entries, one more per factor of ``PICK_WIDTH``."""
+    levels = 2
+    while PICK_WIDTH**levels < n:
+        levels += 1
+    return levels, _root_up(n, levels)
+
+
+def entry_width(n: int) -> int:
+    """The width of :func:`entries`' grid for ``n`` entries (``ceil(sqrt(n))`` up to
+    ``PICK_WIDTH**2``): how many times, per level, it reads its input."""
+    return _entry_grid(n)[1]
 
 
 def _root_up(n: int, k: int) -> int:

@@ -43,6 +43,7 @@ from gradclip_jax._norms import (
     ENTRY_READS,
     accumulation_dtype,
     block_norms,
+    entry_width,
     norm_of_norms,
     pair_scale,
     shape_groups,
@@ -120,8 +121,8 @@ def _example_scale(norm: jax.Array, limit: Any) -> tuple[jax.Array, jax.Array, j
 def _cheap_to_split(leaf: jax.Array, count: int) -> bool:
     """Whether ``count`` leaves like ``leaf`` are clipped as a stack: the sums come out
     as one row per leaf, split with :func:`entries`, whose reads grow with the row's
-    size times ``sqrt(count)``."""
-    return math.isqrt(count - 1) + 1 <= ENTRY_READS // max(math.prod(leaf.shape[1:]), 1)
+    size times its grid's width (:func:`entry_width`, ``ceil(sqrt(count))``)."""
+    return entry_width(count) <= ENTRY_READS // max(math.prod(leaf.shape[1:]), 1)
 
 
 def _clip_and_sum(leaves, max_norm, granularity, uniform) -> _Clipped:
