@@ -1,4 +1,5 @@
-"""The transformations, trees, values and invariants of ``tests/test_invariants.py``.
+"""The transformations, trees, values and invariants of ``tests/test_invariants.py``
+(and ``tests/test_invariants_scale.py``), and the helpers that run and check them.
 
 Every public transformation is a :class:`Case`: how to build it (its numeric
 hyperparameters apart, so that ``optax.inject_hyperparams`` can inject every one of
@@ -20,6 +21,8 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import optax
+import pytest
+from hypothesis import strategies as st
 
 import gradclip_jax
 
@@ -795,3 +798,101 @@ def _check_nonfinite(case, grads, before, out, after, what):
         assert not np.isnan(reported(after)["threshold"]), f"{what}: NaN threshold"
         if case.stateful_rule:
             assert_bitwise_equal(after.rule_state, before.rule_state, f"{what}: rule absorbed")
+
+
+# ------------------------------------------------------------------------ running
+
+
+class Jitted:
+    """``jax.jit`` of ``fn`` that counts its traces: a second trace for the same input
+    layout means that the state changed its layout (dtype, shape, weak type)."""
+
+    def __init__(self, fn, **jit_kwargs):
+        self.traces = 0
+
+        def counted(*args):
+            self.traces += 1
+            return fn(*args)
+
+        self.fn = jax.jit(counted, **jit_kwargs)
+        self.donates = "donate_argnums" in jit_kwargs
+
+    def __call__(self, *args):
+        return self.fn(*args)
+
+
+RAISED = r"the gradient has non-finite values \(NaN or Inf\)"
+
+
+def step(case: Case, update, grads, params, state, init, what: str, init_layout=None):
+    """One checked update: ``(out, new state)``, or ``(None, state)`` where
+    policy="raise" raised as it must (the step is then not applied). A donating
+    ``update`` consumes ``state``: the checks read a host copy."""
+    if case.policy == "raise" and not finite_tree(grads):
+        with pytest.raises(Exception, match=RAISED):
+            jax.block_until_ready(update(grads, state, params))
+        return None, state
+    before = jax.device_get(state) if getattr(update, "donates", False) else state
+    out, after = update(grads, state, params)
+    check_step(case, grads, params, before, out, after, init, what, init_layout)
+    return out, after
+
+
+def run(case: Case, tx, update, grads_seq, params):
+    """The gradients one after the other from a fresh state, each step checked; the
+    outputs and the states after each step. Asserts that only the first step traced."""
+    init = tx.init(params)
+    init_layout = layout(init)
+    state, outs, states = init, [], []
+    if getattr(update, "donates", False):
+        init = jax.device_get(init)  # the first step consumes the fresh state
+    traces = None
+    for i, grads in enumerate(grads_seq):
+        out, state = step(case, update, grads, params, state, init, f"[step {i}]", init_layout)
+        outs.append(out)
+        states.append(state)
+        traces = getattr(update, "traces", None) if traces is None else traces
+    if isinstance(update, Jitted):
+        assert update.traces == traces, f"{case.name}: retraced across steps"
+    return init, outs, states
+
+
+def sequence(case: Case, spec_name: str, kinds, seed: int = 0):
+    """Gradients of each kind (clean ones only for policy="raise") and parameters."""
+    if case.policy == "raise":
+        kinds = [k for k in kinds if k in FINITE_KINDS]
+    spec = spec_for(case, SPECS[spec_name])
+    grads_seq = [fill(spec, kind, seed=seed + i) for i, kind in enumerate(kinds)]
+    return grads_seq, params_like(grads_seq[0], case)
+
+
+def drawn_tree(draw, spec: Any) -> Any:
+    """A tree of ``spec`` whose float leaves each get a drawn magnitude, from the
+    dtype's subnormals to a hundredth of its maximum (1e35 at most: norms stay below
+    2**126, see the near-max defect), and maybe a drawn NaN, Inf or -0.0 entry."""
+    rng = np.random.default_rng(draw(st.integers(0, 2**16)))
+
+    def leaf(shape, dtype):
+        if not jnp.issubdtype(dtype, jnp.inexact):
+            return jnp.asarray(rng.integers(0, 2, size=shape), dtype)
+        info = jnp.finfo(dtype)
+        low = math.floor(math.log10(float(info.smallest_subnormal)))
+        high = min(35, math.floor(math.log10(float(info.max))) - 2)
+        scale = 10.0 ** draw(st.integers(low, high))
+        values = rng.normal(size=shape) * scale
+        if jnp.issubdtype(dtype, jnp.complexfloating):
+            values = values + 1j * rng.normal(size=shape) * scale
+        special = draw(st.sampled_from([None, None, None, np.nan, np.inf, -np.inf, -0.0]))
+        if special is not None and values.size:
+            values.reshape(-1)[draw(st.integers(0, values.size - 1))] = special
+        with np.errstate(all="ignore"):  # float8_e4m3fn turns inf into NaN
+            return jnp.asarray(values.astype(dtype))
+
+    def build(s):
+        if isinstance(s, dict):
+            return {k: build(v) for k, v in s.items()}
+        if isinstance(s, list):
+            return [build(v) for v in s]
+        return None if s is None else leaf(*s)
+
+    return build(spec)

@@ -6,8 +6,9 @@ at the end) meets the matrix
 
 * dtypes: float16, bfloat16, float32, float64 (x64), complex64, float8 (e4m3fn, e5m2),
   int and bool leaves;
-* trees: empty, ``None`` leaves, scalars, zero-size arrays, mixed dtypes, 1,000 leaves
-  (slow), sharded leaves (with more than one device);
+* trees: empty, ``None`` leaves, scalars, zero-size arrays, mixed dtypes, sharded
+  leaves (with more than one device); 1,000 leaves and drawn layouts are in
+  ``tests/test_invariants_scale.py``;
 * execution: eager, jit, vmap over states, ``lax.scan``, donation of a fresh state,
   ``optax.inject_hyperparams`` of every numeric hyperparameter, ``optax.MultiSteps``,
   ``optax.masked``, Orbax save / restore (slow);
@@ -31,38 +32,38 @@ defects this suite found are regression cases now, with comments saying what the
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 import optax
 import pytest
 from _invariant_cases import (
     BATCH,
     CASES,
-    FINITE_KINDS,
     NAMES,
+    RAISED,
     SPECS,
     Case,
+    Jitted,
     assert_bitwise_equal,
     assert_same_layout,
     assert_trees_close,
     check_step,
     clipped_sum,
+    drawn_tree,
     fill,
     finite_tree,
     inexact,
-    layout,
     norm64,
     params_like,
     row,
+    run,
+    sequence,
     spec_for,
     stack,
+    step,
 )
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -150,24 +151,6 @@ def test_the_fast_tier_names_real_transformations():
 # --------------------------------------------------------------------------- running
 
 
-class Jitted:
-    """``jax.jit`` of ``fn`` that counts its traces: a second trace for the same input
-    layout means that the state changed its layout (dtype, shape, weak type)."""
-
-    def __init__(self, fn, **jit_kwargs):
-        self.traces = 0
-
-        def counted(*args):
-            self.traces += 1
-            return fn(*args)
-
-        self.fn = jax.jit(counted, **jit_kwargs)
-        self.donates = "donate_argnums" in jit_kwargs
-
-    def __call__(self, *args):
-        return self.fn(*args)
-
-
 _SHARED: dict[str, tuple[Any, Jitted]] = {}
 
 
@@ -178,51 +161,6 @@ def shared(name: str) -> tuple[Any, Jitted]:
         tx = CASES[name].make()
         _SHARED[name] = (tx, Jitted(tx.update))
     return _SHARED[name]
-
-
-RAISED = r"the gradient has non-finite values \(NaN or Inf\)"
-
-
-def step(case: Case, update, grads, params, state, init, what: str, init_layout=None):
-    """One checked update: ``(out, new state)``, or ``(None, state)`` where
-    policy="raise" raised as it must (the step is then not applied). A donating
-    ``update`` consumes ``state``: the checks read a host copy."""
-    if case.policy == "raise" and not finite_tree(grads):
-        with pytest.raises(Exception, match=RAISED):
-            jax.block_until_ready(update(grads, state, params))
-        return None, state
-    before = jax.device_get(state) if getattr(update, "donates", False) else state
-    out, after = update(grads, state, params)
-    check_step(case, grads, params, before, out, after, init, what, init_layout)
-    return out, after
-
-
-def run(case: Case, tx, update, grads_seq, params):
-    """The gradients one after the other from a fresh state, each step checked; the
-    outputs and the states after each step. Asserts that only the first step traced."""
-    init = tx.init(params)
-    init_layout = layout(init)
-    state, outs, states = init, [], []
-    if getattr(update, "donates", False):
-        init = jax.device_get(init)  # the first step consumes the fresh state
-    traces = None
-    for i, grads in enumerate(grads_seq):
-        out, state = step(case, update, grads, params, state, init, f"[step {i}]", init_layout)
-        outs.append(out)
-        states.append(state)
-        traces = getattr(update, "traces", None) if traces is None else traces
-    if isinstance(update, Jitted):
-        assert update.traces == traces, f"{case.name}: retraced across steps"
-    return init, outs, states
-
-
-def sequence(case: Case, spec_name: str, kinds, seed: int = 0):
-    """Gradients of each kind (clean ones only for policy="raise") and parameters."""
-    if case.policy == "raise":
-        kinds = [k for k in kinds if k in FINITE_KINDS]
-    spec = spec_for(case, SPECS[spec_name])
-    grads_seq = [fill(spec, kind, seed=seed + i) for i, kind in enumerate(kinds)]
-    return grads_seq, params_like(grads_seq[0], case)
 
 
 SWEEP = (
@@ -590,81 +528,6 @@ def test_sharded_leaves_give_the_unsharded_result(name):
         assert_trees_close(a, b, f"{name}: sharded, update {i}", 1e-5)
 
 
-# Once compile time and memory grew far faster than the leaves where every leaf is
-# reduced over its own axes, or draws its own noise (on 2 CPU cores: agc 400 leaves 70 s
-# and 7.7 GB; dp_aggregate 400 leaves 149 s and 7.9 GB). Now agc compiles 400 leaves in
-# about 7 s, and dp_aggregate, which clips, sums and draws noise for small leaves of one
-# shape as one stack, 1,000 leaves in about 17 s (72 s when it did so per leaf; optax's
-# differentially_private_aggregate: 63 s at 400). dp_aggregate still runs in a child
-# process with a time and memory limit, so that a regression fails, not hangs.
-_SLOW_TO_COMPILE = {"dp_aggregate"}
-_CHILD_SECONDS, _CHILD_BYTES = 120, 6 * 2**30
-
-_THOUSAND_CHILD = f"""
-import resource
-import sys
-resource.setrlimit(resource.RLIMIT_AS, ({_CHILD_BYTES}, {_CHILD_BYTES}))
-import jax
-jax.config.update("jax_numpy_rank_promotion", "raise")
-from _invariant_cases import CASES, SPECS, check_step, fill, params_like, spec_for
-case = CASES[sys.argv[1]]
-spec = spec_for(case, SPECS["thousand"])
-grads = fill(spec, "clean")
-params = params_like(grads, case)
-tx = case.make()
-init = tx.init(params)
-out, state = jax.jit(tx.update)(grads, init, params)
-check_step(case, grads, params, init, out, state, init)
-"""
-
-
-class CompileBudgetExceeded(Exception):
-    """The child process ran out of time or memory (and not into another error)."""
-
-
-def _compile_in_child(name: str) -> None:
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(__file__), env.get("PYTHONPATH", "")])
-    try:
-        child = subprocess.run(
-            [sys.executable, "-c", _THOUSAND_CHILD, name],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=_CHILD_SECONDS,
-        )
-    except subprocess.TimeoutExpired as e:
-        raise CompileBudgetExceeded(f"{name}: not compiled within {_CHILD_SECONDS} s") from e
-    if child.returncode and any(
-        sign in child.stderr for sign in ("bad_alloc", "MemoryError", "RESOURCE_EXHAUSTED")
-    ):
-        raise CompileBudgetExceeded(f"{name}: out of memory: {child.stderr[-500:]}")
-    assert child.returncode == 0, child.stderr[-3000:]
-
-
-@pytest.mark.slow
-# dp_aggregate_adaptive compiles the same per-example clipping and noise as
-# dp_aggregate (14 s here); its quantile rule is one scalar, checked at every other size.
-@pytest.mark.parametrize("name", [n for n in NAMES if n != "dp_aggregate_adaptive"])
-def test_a_thousand_leaves(name):
-    """1,000 small float32 and bfloat16 leaves: invariants and no retracing. (The
-    transformations that compile slowest run in a child process that must finish
-    within two minutes and 6 GiB.)"""
-    case = CASES[name]
-    if name in _SLOW_TO_COMPILE:
-        _compile_in_child(name)
-        return
-    tx = case.make()
-    grads_seq, params = sequence(case, "thousand", ("clean", "nan", "huge"))
-    run(case, tx, Jitted(tx.update), grads_seq, params)
-
-
-@pytest.mark.slow
-def test_the_child_process_passes_a_thousand_leaves_of_a_global_clipper():
-    """The control of the child process above: it passes where compiling is quick."""
-    _compile_in_child("clip_by_global_norm")
-
-
 # ------------------------------------------------------------------ the known items
 
 
@@ -781,43 +644,11 @@ def test_linf_clipping_of_float8_beside_other_floats(make):
 # --------------------------------------------------------------------- hypothesis
 
 
-def _drawn_tree(draw, spec: Any) -> Any:
-    """A tree of ``spec`` whose float leaves each get a drawn magnitude, from the
-    dtype's subnormals to a hundredth of its maximum (1e35 at most: norms stay below
-    2**126, see the near-max defect), and maybe a drawn NaN, Inf or -0.0 entry."""
-    rng = np.random.default_rng(draw(st.integers(0, 2**16)))
-
-    def leaf(shape, dtype):
-        if not jnp.issubdtype(dtype, jnp.inexact):
-            return jnp.asarray(rng.integers(0, 2, size=shape), dtype)
-        info = jnp.finfo(dtype)
-        low = math.floor(math.log10(float(info.smallest_subnormal)))
-        high = min(35, math.floor(math.log10(float(info.max))) - 2)
-        scale = 10.0 ** draw(st.integers(low, high))
-        values = rng.normal(size=shape) * scale
-        if jnp.issubdtype(dtype, jnp.complexfloating):
-            values = values + 1j * rng.normal(size=shape) * scale
-        special = draw(st.sampled_from([None, None, None, np.nan, np.inf, -np.inf, -0.0]))
-        if special is not None and values.size:
-            values.reshape(-1)[draw(st.integers(0, values.size - 1))] = special
-        with np.errstate(all="ignore"):  # float8_e4m3fn turns inf into NaN
-            return jnp.asarray(values.astype(dtype))
-
-    def build(s):
-        if isinstance(s, dict):
-            return {k: build(v) for k, v in s.items()}
-        if isinstance(s, list):
-            return [build(v) for v in s]
-        return None if s is None else leaf(*s)
-
-    return build(spec)
-
-
 @st.composite
 def _drawn_values(draw):
     name = draw(st.sampled_from(FAST["values"]))
     spec = spec_for(CASES[name], SPECS["mixed"])
-    return name, [_drawn_tree(draw, spec) for _ in range(2)]
+    return name, [drawn_tree(draw, spec) for _ in range(2)]
 
 
 @settings(max_examples=15, deadline=None)
@@ -833,46 +664,6 @@ def test_drawn_values_keep_the_invariants(drawn):
     state = init
     for i, grads in enumerate(grads_seq):
         _, state = step(case, update, grads, params, state, init, f"[drawn {i}]")
-
-
-_DTYPES = [jnp.float32, jnp.float16, jnp.bfloat16, jnp.complex64, jnp.int32, jnp.bool_]
-_FLOAT8 = [jnp.dtype(ml_dtypes.float8_e4m3fn), jnp.dtype(ml_dtypes.float8_e5m2)]
-_SHAPES = [(), (1,), (3,), (2, 3), (0, 2), (2, 2, 2)]
-
-
-@st.composite
-def _drawn_spec(draw):
-    """A drawn transformation and tree layout: 1-4 leaves of drawn shapes and dtypes (a
-    float8 tree has one float8 dtype beside the others), and a None leaf."""
-    name = draw(st.sampled_from(NAMES))
-    float8 = draw(st.sampled_from([None, None, *_FLOAT8]))
-    dtypes = [float8, *_DTYPES] if float8 is not None else _DTYPES
-    spec = {
-        f"l{i}": (draw(st.sampled_from(_SHAPES)), jnp.dtype(draw(st.sampled_from(dtypes))))
-        for i in range(draw(st.integers(1, 4)))
-    }
-    spec["none"] = None
-    # A non-empty float leaf: trees without one are their own tests (and known defects).
-    spec["w"] = ((3,), float8 or jnp.dtype(jnp.float32))
-    return name, spec_for(CASES[name], spec)
-
-
-@pytest.mark.slow
-@settings(max_examples=40, deadline=None)
-@given(_drawn_spec(), st.data())
-def test_drawn_trees_keep_the_invariants(drawn, data):
-    """Drawn tree layouts and values through a drawn transformation under jit (one
-    compile per example)."""
-    name, spec = drawn
-    case = CASES[name]
-    grads_seq = [_drawn_tree(data.draw, spec) for _ in range(2)]
-    tx = case.make()
-    params = params_like(grads_seq[0], case)
-    init = tx.init(params)
-    state = init
-    update = Jitted(tx.update)
-    for i, grads in enumerate(grads_seq):
-        _, state = step(case, update, grads, params, state, init, f"[drawn {i}: {spec}]")
 
 
 # ------------------------------------------------------------------ per_example_clip
