@@ -125,19 +125,32 @@ def _record(out, key, updates, state):
         out[f"{key}/s:{name}"] = np.asarray(value)
 
 
+def _steps(tree_name, grads0):
+    """The gradients of every step: ``grads0`` scaled, a NaN entry per leaf at step 20
+    of the "nan" trees."""
+    steps = []
+    for step in range(STEPS):
+        grads = jax.tree.map(lambda x, s=SCALES[step]: x * s, grads0)
+        if step == 20 and tree_name in ("f32", "many"):
+            grads = jax.tree.map(lambda x: x.at[(0,) * x.ndim].set(jnp.nan), grads)
+        steps.append(grads)
+    return steps
+
+
 def run_transformations(out):
+    # One jitted update per transformation for all the trees: trees of the same layout
+    # ("f32" and "big") share its compilation.
+    updates_of = {
+        name: (tx := factory(), jax.jit(tx.update)) for name, factory in transformations().items()
+    }
     for tree_name, grads0 in trees().items():
         params = jax.tree.map(lambda x: x * 0.5 + 0.1, grads0)
-        for tx_name, factory in transformations().items():
+        steps = _steps(tree_name, grads0)
+        for tx_name, (tx, update) in updates_of.items():
             if tree_name == "c64" and tx_name in ("agc",):
                 continue
-            tx = factory()
             state = tx.init(params)
-            update = jax.jit(tx.update)
-            for step in range(STEPS):
-                grads = jax.tree.map(lambda x, s=SCALES[step]: x * s, grads0)
-                if step == 20 and tree_name in ("f32", "many"):
-                    grads = jax.tree.map(lambda x: x.at[(0,) * x.ndim].set(jnp.nan), grads)
+            for step, grads in enumerate(steps):
                 updates, state = update(grads, state, params)
                 if step in RECORDED:
                     _record(out, f"{tree_name}/{tx_name}/{step:02d}", updates, state)
