@@ -28,8 +28,9 @@ def _strict_rank_promotion():
 
 
 # The test files that take longest (on one of CI's two CPUs: invariants 550 s, their
-# scale tests 300 s, the 8-device and golden subprocesses 150-170 s, multihost 100 s,
-# docs, demo and per_example 80-100 s), longest first; the rest follow in their order.
+# scale tests 250-300 s, the 8-device and golden subprocesses 120-200 s, multihost
+# 100 s, docs, demo and per_example 80-100 s), longest first; the rest follow in their
+# collection order.
 # pytest-xdist (--dist loadfile --no-loadscope-reorder, pyproject.toml) hands out files
 # in collection order, so the long ones start first and the short ones fill in around
 # them. Its default order, by number of tests, left the one-test golden and 8-device
