@@ -173,13 +173,19 @@ def any_nonfinite(arrays: Sequence[jax.Array]) -> jax.Array:
     """
     total = None
     for a in arrays:
-        probe = jnp.sum(a - a)
-        if jnp.iscomplexobj(probe):
-            probe = lax.add(lax.real(probe), lax.imag(probe))
         # Converted before adding: the arrays' dtypes may not promote (float8, float32).
-        probe = lax.convert_element_type(probe, np.float32)
+        probe = lax.convert_element_type(nonfinite_probe(a), np.float32)
         total = probe if total is None else lax.add(total, probe)
     return jnp.asarray(False) if total is None else jnp.isnan(total)
+
+
+def nonfinite_probe(a: jax.Array, axis: Any = None) -> jax.Array:
+    """The sum of ``a - a`` over ``axis`` (complex: both parts added): 0 where every
+    entry is finite, NaN where one is not; it cannot overflow."""
+    probe = jnp.sum(a - a, axis=axis)
+    if jnp.iscomplexobj(probe):
+        probe = lax.add(lax.real(probe), lax.imag(probe))
+    return probe
 
 
 def collective(value: Any, combine: str, axis_name: Any) -> Any:
