@@ -38,6 +38,7 @@ from gradclip_jax._norms import (
     power_sums,
     rescale_exponent,
     shape_groups,
+    signed_scale,
     tree_norm,
     tree_norm_pair,
     ungroup,
@@ -205,8 +206,9 @@ def _clip_global(fn, rule, state, leaves, ctx):
     threshold, new_state = run_rule(fn, rule, state, norm, norm)
     finite = jnp.isfinite(norm)
     threshold = _sanitized(threshold, finite)
-    scale = pair_scale(mantissa, inverse, threshold)
-    out = [scale_leaf(x, scale, inverse) for x in leaves]
+    signed = signed_scale(mantissa, inverse, threshold)
+    scale = jnp.abs(signed)
+    out = [_scale_signed(x, signed, inverse.dtype) for x in leaves]
     measured = Measured(norm, threshold, mantissa * scale, inverse * scale < 1)
     return out, _absorbed(state, new_state, finite), measured
 
@@ -256,12 +258,21 @@ def _signed(scales: jax.Array, inverses: jax.Array) -> jax.Array:
     return jnp.where(inverses < 1, -scales, scales)
 
 
-def _scale_signed(x: jax.Array, signed: jax.Array) -> jax.Array:
-    """:func:`scale_leaf` from :func:`_signed` (a scalar, or unit scales that broadcast)."""
+def _scale_signed(x: jax.Array, signed: jax.Array, units: Any = None) -> jax.Array:
+    """:func:`scale_leaf` from :func:`_signed` (a scalar, or unit scales that broadcast).
+
+    Negative entries count in the rescue units of the dtype ``units`` (default: the
+    leaf's accumulation dtype, in which per-leaf and per-unit norms are measured).
+    """
     acc = accumulation_dtype(x.dtype)
+    if units is not None and jnp.finfo(units).bits > jnp.finfo(acc).bits:
+        # A float32 leaf in a norm measured in float64 (x64): the units 2^-996 and the
+        # scale near 2^996 exist only in float64, so the leaf is scaled there.
+        wider = wide_dtype(jnp.result_type(units, jnp.complex64) if jnp.iscomplexobj(x) else units)
+        return _scale_signed(x.astype(wider), signed, units).astype(x.dtype)
     signed = lax.convert_element_type(signed, acc)
     beyond = lax.lt(signed, np.zeros(signed.shape, acc))
-    unit = 2.0 ** -rescale_exponent(acc)  # the inverse of power_sums' rescue
+    unit = 2.0 ** -rescale_exponent(acc if units is None else units)  # power_sums' rescue
     inverse = lax.select(beyond, np.full(signed.shape, unit, acc), np.ones(signed.shape, acc))
     return scale_leaf(x, lax.abs(signed), inverse)
 
@@ -282,8 +293,9 @@ def _clip_leaves(fn, rule, state, leaves, ctx):
     sizes = np.array([x.size * ctx.devices for x in leaves], np.float32)
     limits = thresholds * np.sqrt(sizes) if ctx.per_size else thresholds
     # Every scale in one small kernel; each leaf's multiply reads its own entry.
-    scales = pair_scale(mantissas, inverses, limits)
-    out = [_scale_signed(x, e) for x, e in zip(leaves, entries(_signed(scales, inverses)))]
+    signed = signed_scale(mantissas, inverses, limits)
+    scales = jnp.abs(signed)
+    out = [_scale_signed(x, e) for x, e in zip(leaves, entries(signed))]
     after = norm_of_norms(mantissas * scales, ctx.ord)
     clipped = jnp.mean(inverses * scales < 1)
     measured = Measured(total, jnp.max(thresholds), after, clipped)

@@ -263,14 +263,21 @@ class Sums(NamedTuple):
 
 
 def _all_finite(values: Sequence[jax.Array]) -> jax.Array:
+    if len(values) == 1:
+        return jnp.isfinite(jnp.sum(values[0]))
     if any(_on_mesh(v) for v in values):  # never concatenate what is sharded
         return jnp.all(stack_scalars([jnp.all(jnp.isfinite(v)) for v in values]))
     return jnp.isfinite(jnp.sum(stack_scalars(values)))  # sums >= 0: finite iff all are
 
 
-def power_sums(arrays, power, axes=None, keepdims=False, axis_name=None) -> Sums:
+def power_sums(arrays, power, axes=None, keepdims=False, axis_name=None, total=False) -> Sums:
     """The sums of ``|x|^power`` (1 or 2) of each array over its ``axes``, rescued on
-    overflow by one ``lax.cond`` that the common path does not pay for."""
+    overflow by one ``lax.cond`` that the common path does not pay for.
+
+    ``total=True`` adds the sums of the arrays of each accumulation dtype into one
+    (a norm over all of them): one total per dtype, which the overflow test reads, so
+    the test and the totals agree even when only the total overflows.
+    """
     if not arrays:
         return Sums([], [], {})
     axes = [None] * len(arrays) if axes is None else axes
@@ -289,11 +296,19 @@ def power_sums(arrays, power, axes=None, keepdims=False, axis_name=None) -> Sums
             )
             for x, a in zip(arrays, axes)
         ]
-        return collective(partial, "sum", axis_name)
+        return collective(_totals(partial) if total else partial, "sum", axis_name)
 
     raw = sums(False)
     rescued = lax.cond(_all_finite(raw), lambda raw: raw, lambda _: sums(True), raw)
     return Sums(raw, rescued, scales)
+
+
+def _totals(values: Sequence[jax.Array]) -> list[jax.Array]:
+    """The sum of the ``values`` of each dtype, in the order of :func:`_dtypes`."""
+    by_dtype: dict[Any, jax.Array] = {}
+    for v in values:
+        by_dtype[v.dtype] = lax.add(by_dtype[v.dtype], v) if v.dtype in by_dtype else v
+    return [by_dtype[d] for d in _dtypes(values)]
 
 
 def _dtypes(arrays) -> list:
@@ -327,12 +342,30 @@ def pair_scale(mantissa: jax.Array, inverse: jax.Array, limit: Any) -> jax.Array
     gives 1, an infinite one 0). A norm beyond the dtype's range always exceeds a
     finite limit, and ``limit / mantissa`` stays a normal number.
     """
+    numerator, denominator = _scale_terms(mantissa, inverse, limit)
+    return numerator / denominator
+
+
+def signed_scale(mantissa: jax.Array, inverse: jax.Array, limit: Any) -> jax.Array:
+    """:func:`pair_scale` and ``inverse`` as one number: the scale, negative where the
+    norm is given in units of ``2^-k`` (``inverse < 1``).
+
+    It is one division (a select at its root would be copied by XLA into every kernel
+    that reads it, with the whole computation of the norm): a clipper computes it once,
+    and each leaf's multiply reads one scalar.
+    """
+    numerator, denominator = _scale_terms(mantissa, inverse, limit)
+    return jnp.where(inverse < 1, -numerator, numerator) / denominator
+
+
+def _scale_terms(mantissa, inverse, limit) -> tuple[jax.Array, jax.Array]:
+    """``(limit, mantissa)`` where the norm exceeds the limit, else ``(1, inverse)``."""
     limit = jnp.asarray(limit, mantissa.dtype)
     # A NaN or infinite part elsewhere in the tree makes the mantissa non-finite: then
     # the plain rules hold (NaN: unchanged, x * inverse / inverse; inf: scale 0).
     beyond = (inverse < 1) & jnp.isfinite(mantissa)
     over = jnp.where(beyond, limit < jnp.inf, mantissa > limit)
-    return jnp.where(over, limit / jnp.where(over, mantissa, 1), 1 / inverse)
+    return jnp.where(over, limit, 1), jnp.where(over, mantissa, inverse)
 
 
 def sums_scale(raw, rescued, power, scale, limit, relative=None) -> tuple[jax.Array, jax.Array]:
@@ -607,15 +640,16 @@ def tree_norm_pair(leaves: Sequence[jax.Array], ord: float, axis_name: Any = Non
         norms = block_norms(blocks, ord, axis_name)
         norm = norms[0] if len(norms) == 1 else norm_of_norms(stack_scalars(norms), ord)
         return norm, jnp.ones((), norm.dtype)
-    pairs = power_sums(blocks, ord, axis_name=axis_name).pairs(ord)
+    # One total per accumulation dtype: no norm per block to combine.
+    pairs = power_sums(blocks, ord, axis_name=axis_name, total=True).pairs(ord)
     if len(pairs) == 1:
         return pairs[0]
-    wide = jnp.result_type(*(m for m, _ in pairs))
-    inverse = pairs[0][1].astype(wide)
-    for _, i in pairs[1:]:
-        inverse = jnp.minimum(inverse, i.astype(wide))
-    # Every part in the units of the smallest inverse (exact powers of two).
-    parts = [m.astype(wide) * (inverse / i.astype(wide)) for m, i in pairs]
+    # float32 and float64 totals (x64). A float32 norm, even one rescued in units of
+    # 2^-100, is an ordinary float64 number: every part is put in the units of the
+    # float64 total, so that the norm's units are always those of its dtype.
+    (wide_mantissa, inverse), *narrow = sorted(pairs, key=lambda p: -p[0].dtype.itemsize)
+    wide = wide_mantissa.dtype
+    parts = [wide_mantissa] + [m.astype(wide) / i.astype(wide) * inverse for m, i in narrow]
     mantissa = norm_of_norms(stack_scalars(parts), ord)
     # A NaN or inf elsewhere: plain units, so that no entry is scaled by 2^-k for nothing.
     return mantissa, jnp.where(jnp.isfinite(mantissa), inverse, jnp.ones((), wide))

@@ -156,6 +156,26 @@ def test_x64_constant_thresholds_stay_exact_for_float64_leaves():
         assert state.stats.norm.dtype == jnp.float32  # statistics are float32 always
 
 
+def test_x64_float32_leaves_beside_float64_ones_beyond_float64_range():
+    """A float64 norm whose sum of squares overflows float64 (~1e154 and above) is
+    given in units of 2^-996: float32 and complex64 leaves of the same tree are scaled
+    in float64, not by factors that float32 cannot hold (2^-996 -> 0 times 2^996 ->
+    inf was NaN)."""
+    with jax.enable_x64(True):
+        grads = {
+            "a": jnp.array([3e200, -4e200], jnp.float64),
+            "b": jnp.array([1.0, -2.0], jnp.float32),
+            "c": jnp.array([1e38 + 1e38j], jnp.complex64),
+        }
+        tx = gradclip_jax.clip_by_global_norm(1.0)
+        updates, state = jax.jit(tx.update)(grads, tx.init(grads))
+        np.testing.assert_allclose(updates["a"], [0.6, -0.8], rtol=1e-12)
+        for k in ("b", "c"):  # scaled by ~2e-201: zero, with the right dtype and no NaN
+            assert updates[k].dtype == grads[k].dtype
+            np.testing.assert_array_equal(updates[k], np.zeros_like(grads[k]))
+        assert float(state.stats.clipped_norm) == pytest.approx(1.0)
+
+
 BIG = {"w": jnp.full((10_000,), 1e37, jnp.float32), "b": jnp.array([3e37, -4e37])}
 
 
