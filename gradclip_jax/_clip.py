@@ -38,6 +38,7 @@ from gradclip_jax._norms import (
     power_sums,
     rescale_exponent,
     shape_groups,
+    signed_pair,
     signed_scale,
     tree_norm,
     tree_norm_pair,
@@ -252,14 +253,8 @@ def check_state_rows(fn: str, state: Any, leaves: int) -> None:
         )
 
 
-def _signed(scales: jax.Array, inverses: jax.Array) -> jax.Array:
-    """The pair ``(scale, inverse)`` of every leaf as one number, so that a leaf reads a
-    single entry: the scale, negative where the norm is given in units of ``2^-k``."""
-    return jnp.where(inverses < 1, -scales, scales)
-
-
 def _scale_signed(x: jax.Array, signed: jax.Array, units: Any = None) -> jax.Array:
-    """:func:`scale_leaf` from :func:`_signed` (a scalar, or unit scales that broadcast).
+    """:func:`scale_leaf` from :func:`signed_pair` (a scalar, or unit scales that broadcast).
 
     Negative entries count in the rescue units of the dtype ``units`` (default: the
     leaf's accumulation dtype, in which per-leaf and per-unit norms are measured).
@@ -325,7 +320,7 @@ def _clip_units(fn, rule, state, leaves, ctx):
         sums.scale(r, f, 2, threshold.astype(r.dtype), relative=p)
         for (r, f), p in zip(grads, params)
     ]
-    signed = ungroup(groups, [_signed(s, i) for s, i in scales], len(leaves))
+    signed = ungroup(groups, [signed_pair(s, i) for s, i in scales], len(leaves))
     out = [_scale_signed(x, e) for x, e in zip(leaves, signed)]
     if not pairs:
         return out, state, Measured(total, threshold, total, zero)

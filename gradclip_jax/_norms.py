@@ -355,7 +355,14 @@ def signed_scale(mantissa: jax.Array, inverse: jax.Array, limit: Any) -> jax.Arr
     and each leaf's multiply reads one scalar.
     """
     numerator, denominator = _scale_terms(mantissa, inverse, limit)
-    return jnp.where(inverse < 1, -numerator, numerator) / denominator
+    return signed_pair(numerator, inverse) / denominator
+
+
+def signed_pair(scales: jax.Array, inverses: jax.Array) -> jax.Array:
+    """The pair ``(scale, inverse)`` of every leaf or unit as one number, so that a leaf
+    reads a single entry: the scale, negative where the norm is given in units of
+    ``2^-k`` (``inverse < 1``)."""
+    return jnp.where(inverses < 1, -scales, scales)
 
 
 def _scale_terms(mantissa, inverse, limit) -> tuple[jax.Array, jax.Array]:
