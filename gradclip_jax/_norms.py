@@ -137,30 +137,36 @@ def _max(values: jax.Array, axis: Any = None) -> jax.Array:
     return jnp.where(jnp.isnan(jnp.sum(values, axis=axis)), jnp.nan, largest).astype(largest.dtype)
 
 
-def maxima(arrays: Sequence[jax.Array], elementwise: Callable[[jax.Array], jax.Array]) -> list:
-    """``max(elementwise(a))`` of each array (0 when empty), NaN when it holds a NaN.
+def maxima(arrays: Sequence[jax.Array]) -> list:
+    """The largest magnitude of each array (0 when empty) in its accumulation dtype, NaN
+    when it holds a NaN.
 
-    ``elementwise`` must not turn finite entries into NaN (``|a|`` does not). XLA's CPU
-    max drops NaN from 10,000 entries on; testing ``isnan`` inside the reduction makes
-    XLA write the values out and read them back. So each array is read by two fused
-    reductions, its maximum and :func:`any_nonfinite`'s sum, and only on such a step
-    does a ``lax.cond`` tell NaN from ``inf``.
+    XLA's CPU max drops NaN from 10,000 entries on, and so does a fused elementwise
+    minimum; testing ``isnan`` inside the reduction makes XLA write the values out and
+    read them back. So each array is read by two float reductions, its largest
+    magnitude and :func:`nan_probe`'s sum, which read the array itself: an operation
+    both shared (a conversion, ``|a|``) would be written out for them, a full-size
+    temporary. Real arrays are compared in their own dtype (the largest magnitude is
+    exact in any of them); complex and float8 ones as :func:`_magnitude`.
     """
-    values = [elementwise(a) for a in arrays]
-    if not values or not jnp.issubdtype(values[0].dtype, jnp.inexact):
-        return [_max(v) for v in values]
-    largest = [jnp.max(v, initial=0) for v in values]
+    out = []
+    for a in arrays:
+        acc = accumulation_dtype(a.dtype)
+        if jnp.iscomplexobj(a) or a.dtype.itemsize == 1:
+            largest = jnp.max(_magnitude(a), initial=0)
+        else:
+            largest = lax.convert_element_type(jnp.max(lax.abs(a), initial=0), acc)
+        out.append(jnp.where(nan_probe(a), jnp.nan, largest).astype(acc))
+    return out
 
-    def with_nan(largest):
-        # A boolean reduction here: float forms of this test compile a little faster but
-        # make XLA:CPU keep a full-size temporary per array in this branch (clip_by_value
-        # on 10 x 2M floats: 88 MB of temporaries instead of 20 MB).
-        return [
-            jnp.where(jnp.any(jnp.isnan(elementwise(a))), jnp.nan, m).astype(m.dtype)
-            for a, m in zip(arrays, largest)
-        ]
 
-    return lax.cond(any_nonfinite(arrays), with_nan, lambda largest: largest, largest)
+def nan_probe(a: jax.Array) -> jax.Array:
+    """Whether ``a`` holds a NaN (complex: in either part): a float sum of the signs of
+    its entries, NaN exactly then (an infinite entry's sign is +-1; the sum of at most
+    one per entry, in float32 or wider, cannot overflow)."""
+    acc = accumulation_dtype(a.dtype)
+    parts = (lax.real(a), lax.imag(a)) if jnp.iscomplexobj(a) else (a,)
+    return jnp.isnan(sum(jnp.sum(lax.sign(p), dtype=acc) for p in parts))
 
 
 def any_nonfinite(arrays: Sequence[jax.Array]) -> jax.Array:
@@ -438,7 +444,7 @@ def block_norms(
     if ord == math.inf:
         if axes is not None:
             raise ValueError("block_norms: reduction axes need ord 1 or 2")
-        return collective(maxima(arrays, _magnitude), "max", axis_name)
+        return collective(maxima(arrays), "max", axis_name)
     return _norms_from(power_sums(arrays, ord, axes, keepdims, axis_name), ord)
 
 
