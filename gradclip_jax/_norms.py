@@ -152,21 +152,20 @@ def maxima(arrays: Sequence[jax.Array]) -> list:
     out = []
     for a in arrays:
         acc = accumulation_dtype(a.dtype)
-        if jnp.iscomplexobj(a) or a.dtype.itemsize == 1:
-            largest = jnp.max(_magnitude(a), initial=0)
+        if jnp.iscomplexobj(a):
+            largest, parts = jnp.max(_magnitude(a), initial=0), (lax.real(a), lax.imag(a))
         else:
-            largest = lax.convert_element_type(jnp.max(lax.abs(a), initial=0), acc)
-        out.append(jnp.where(nan_probe(a), jnp.nan, largest).astype(acc))
+            parts = (lax.convert_element_type(a, acc),)
+            largest = jnp.max(lax.abs(parts[0]), initial=0)
+        out.append(jnp.where(nan_probe(parts), jnp.nan, largest).astype(acc))
     return out
 
 
-def nan_probe(a: jax.Array) -> jax.Array:
-    """Whether ``a`` holds a NaN (complex: in either part): a float sum of the signs of
-    its entries, NaN exactly then (an infinite entry's sign is +-1; the sum of at most
-    one per entry, in float32 or wider, cannot overflow)."""
-    acc = accumulation_dtype(a.dtype)
-    parts = (lax.real(a), lax.imag(a)) if jnp.iscomplexobj(a) else (a,)
-    return jnp.isnan(sum(jnp.sum(lax.sign(p), dtype=acc) for p in parts))
+def nan_probe(parts: Sequence[jax.Array]) -> jax.Array:
+    """Whether some entry of the real ``parts`` is NaN: a float sum of the entries'
+    signs, NaN exactly then (an infinite entry's sign is +-1; the sum of at most one per
+    entry, in float32 or wider, cannot overflow)."""
+    return jnp.isnan(sum(jnp.sum(lax.sign(p), dtype=accumulation_dtype(p.dtype)) for p in parts))
 
 
 def any_nonfinite(arrays: Sequence[jax.Array]) -> jax.Array:
