@@ -143,11 +143,11 @@ def maxima(arrays: Sequence[jax.Array]) -> list:
 
     XLA's CPU max drops NaN from 10,000 entries on, and so does a fused elementwise
     minimum; testing ``isnan`` inside the reduction makes XLA write the values out and
-    read them back. So each array is read by two float reductions, its largest
-    magnitude and :func:`nan_probe`'s sum, which read the array itself: an operation
-    both shared (a conversion, ``|a|``) would be written out for them, a full-size
-    temporary. Real arrays are compared in their own dtype (the largest magnitude is
-    exact in any of them); complex and float8 ones as :func:`_magnitude`.
+    read them back. So each array is read by two float reductions: the maximum of
+    ``|a|`` and :func:`nan_probe`'s sum of the signs of ``a`` (of its real and imaginary
+    parts when complex). Nothing but the conversion to the accumulation dtype is shared
+    between them: a shared ``|a|`` would be written out as a full-size temporary (the
+    conversion of a half-precision or float8 array is, in any form tried).
     """
     out = []
     for a in arrays:

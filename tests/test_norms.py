@@ -154,8 +154,8 @@ def test_non_finite_entries_of_large_leaves_are_reported(size, ord, bad, expecte
 
 @pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16, jnp.float8_e5m2])
 def test_largest_magnitude_of_large_narrow_leaves(dtype):
-    """The L-inf norm of half-precision and float8 leaves (compared in their own dtype,
-    or widened for float8) is their largest magnitude exactly, inf for an infinite
+    """The L-inf norm of half-precision and float8 leaves (widened to float32 for the
+    maximum and the NaN test) is their largest magnitude exactly, inf for an infinite
     entry and NaN for a NaN one, also where XLA's CPU max drops NaN (100,000 entries)."""
     leaf = jnp.full(100_000, 0.25, dtype).at[777].set(-3.5)
     norm = jax.jit(lambda t: gradclip_jax.global_norm(t, math.inf))
