@@ -91,15 +91,22 @@ def clip_scale(norm: jax.Array, threshold: Any) -> jax.Array:
 def scale_leaf(x: jax.Array, scale: jax.Array, inverse: Any = None) -> jax.Array:
     """``x * scale`` (``x * inverse * scale`` for a norm given as a :func:`pair_scale`
     pair) in the accumulation precision, back in ``x``'s dtype; half-precision and
-    float8 leaves do not underflow on tiny scales.
+    float8 leaves do not underflow on tiny scales."""
+    wide = wide_dtype(x.dtype)
+    factor = None if inverse is None else _as_factor(inverse, wide)
+    return _scaled(x, wide, factor, _as_factor(scale, wide))
 
-    Written in ``lax`` (no promotion to resolve): a per-leaf clipper calls it once per
-    leaf, and ``jnp``'s dispatch was most of its tracing time.
+
+def _scaled(x: jax.Array, wide: Any, inverse: Any, scale: jax.Array) -> jax.Array:
+    """``x * inverse * scale`` in ``wide`` (factors already in it), back in ``x``'s dtype.
+
+    Written in ``lax`` (no promotion to resolve): a clipper calls it once per leaf, and
+    ``jnp``'s dispatch was most of its tracing time.
     """
-    wide = lax.convert_element_type(x, wide_dtype(x.dtype))
+    out = lax.convert_element_type(x, wide)
     if inverse is not None:
-        wide = lax.mul(wide, _as_factor(inverse, wide.dtype))
-    return lax.convert_element_type(lax.mul(wide, _as_factor(scale, wide.dtype)), x.dtype)
+        out = lax.mul(out, inverse)
+    return lax.convert_element_type(lax.mul(out, scale), x.dtype)
 
 
 def _as_factor(value: Any, dtype: Any) -> jax.Array:
@@ -109,22 +116,37 @@ def _as_factor(value: Any, dtype: Any) -> jax.Array:
     return lax.convert_element_type(real, dtype)
 
 
-def clamp_leaf(x: jax.Array, bound: jax.Array) -> jax.Array:
-    """Every entry of ``x`` bounded by ``bound`` in magnitude; complex entries keep
-    their phase."""
-    if jnp.iscomplexobj(x):
-        # |x| of finite parts may exceed the dtype's range (|3e38 + 3e38j| in complex64):
-        # x * bound / |x| is then formed from x * 2^-64 (exact), so that neither |x|
-        # nor the scale leaves the range of normal numbers.
-        acc = accumulation_dtype(x.dtype)
-        wide = x.astype(wide_dtype(x.dtype))
-        beyond = jnp.isinf(jnp.abs(wide)) & jnp.isfinite(wide)
-        inverse = jnp.where(beyond, 2.0**-64, 1).astype(acc)
-        mantissa = jnp.abs(wide * inverse).astype(acc)
-        return scale_leaf(x, pair_scale(mantissa, inverse, bound), inverse)
+def clamp_leaves(leaves: list[jax.Array], bound: jax.Array) -> list[jax.Array]:
+    """Every entry of every leaf bounded by ``bound`` in magnitude; complex entries keep
+    their phase. The bounds are converted once per dtype: tracing is one clamp per leaf
+    (``jnp.clip`` was a nested ``jit`` per leaf, and twice this library's tracing time)."""
+    bounds: dict[Any, tuple[jax.Array, jax.Array]] = {}
+    out = []
+    for x in leaves:
+        if jnp.iscomplexobj(x):
+            out.append(_clamp_complex(x, bound))
+            continue
+        wide = wide_dtype(x.dtype)
+        if wide not in bounds:
+            high = lax.convert_element_type(bound, wide)
+            bounds[wide] = (lax.neg(high), high)
+        low, high = bounds[wide]
+        # jnp.clip's operations in its order: the maximum with the lower bound first.
+        clamped = lax.min(high, lax.max(low, lax.convert_element_type(x, wide)))
+        out.append(lax.convert_element_type(clamped, x.dtype))
+    return out
+
+
+def _clamp_complex(x: jax.Array, bound: jax.Array) -> jax.Array:
+    # |x| of finite parts may exceed the dtype's range (|3e38 + 3e38j| in complex64):
+    # x * bound / |x| is then formed from x * 2^-64 (exact), so that neither |x| nor
+    # the scale leaves the range of normal numbers.
+    acc = accumulation_dtype(x.dtype)
     wide = x.astype(wide_dtype(x.dtype))
-    bound = bound.astype(wide.dtype)
-    return jnp.clip(wide, -bound, bound).astype(x.dtype)
+    beyond = jnp.isinf(jnp.abs(wide)) & jnp.isfinite(wide)
+    inverse = jnp.where(beyond, 2.0**-64, 1).astype(acc)
+    mantissa = jnp.abs(wide * inverse).astype(acc)
+    return scale_leaf(x, pair_scale(mantissa, inverse, bound), inverse)
 
 
 # ------------------------------------------------------------------------- rules
@@ -209,7 +231,7 @@ def _clip_global(fn, rule, state, leaves, ctx):
     threshold = _sanitized(threshold, finite)
     signed = signed_scale(mantissa, inverse, threshold)
     scale = jnp.abs(signed)
-    out = [_scale_signed(x, signed, inverse.dtype) for x in leaves]
+    out = scale_leaves(leaves, signed, inverse.dtype)
     measured = Measured(norm, threshold, mantissa * scale, inverse * scale < 1)
     return out, _absorbed(state, new_state, finite), measured
 
@@ -219,7 +241,7 @@ def _clip_element(fn, rule, state, leaves, ctx):
     threshold, new_state = run_rule(fn, rule, state, largest, largest)
     # The bound must not wait for the measurement: with a constant it is a constant, and
     # the clamp runs without reading the norm (NaN, from a rule fed NaN, bounds nothing).
-    out = [clamp_leaf(x, jnp.where(jnp.isnan(threshold), jnp.inf, threshold)) for x in leaves]
+    out = clamp_leaves(leaves, jnp.where(jnp.isnan(threshold), jnp.inf, threshold))
     finite = jnp.isfinite(largest)
     threshold = _sanitized(threshold, finite)
     after = jnp.minimum(largest, threshold.astype(largest.dtype))
@@ -253,23 +275,42 @@ def check_state_rows(fn: str, state: Any, leaves: int) -> None:
         )
 
 
+def scale_leaves(leaves: list[jax.Array], signed: jax.Array, units: Any = None) -> list:
+    """:func:`_scale_signed` of every leaf by one scalar ``signed``: its factors are
+    formed once per dtype, so that tracing is one multiply per leaf."""
+    factors: dict[Any, tuple] = {}
+    out = []
+    for x in leaves:
+        if x.dtype not in factors:
+            factors[x.dtype] = _signed_factors(x.dtype, signed, units)
+        out.append(_scaled(x, *factors[x.dtype]))
+    return out
+
+
 def _scale_signed(x: jax.Array, signed: jax.Array, units: Any = None) -> jax.Array:
-    """:func:`scale_leaf` from :func:`signed_pair` (a scalar, or unit scales that broadcast).
+    """:func:`scale_leaf` from :func:`signed_pair` (a scalar, or unit scales that broadcast)."""
+    return _scaled(x, *_signed_factors(x.dtype, signed, units))
+
+
+def _signed_factors(dtype: Any, signed: jax.Array, units: Any) -> tuple:
+    """``(wide, inverse, scale)`` for :func:`_scaled` of a leaf of ``dtype`` by ``signed``.
 
     Negative entries count in the rescue units of the dtype ``units`` (default: the
     leaf's accumulation dtype, in which per-leaf and per-unit norms are measured).
     """
-    acc = accumulation_dtype(x.dtype)
+    acc = accumulation_dtype(dtype)
     if units is not None and jnp.finfo(units).bits > jnp.finfo(acc).bits:
         # A float32 leaf in a norm measured in float64 (x64): the units 2^-996 and the
         # scale near 2^996 exist only in float64, so the leaf is scaled there.
-        wider = wide_dtype(jnp.result_type(units, jnp.complex64) if jnp.iscomplexobj(x) else units)
-        return _scale_signed(x.astype(wider), signed, units).astype(x.dtype)
+        complex_leaf = jnp.issubdtype(dtype, jnp.complexfloating)
+        dtype = wide_dtype(jnp.result_type(units, jnp.complex64) if complex_leaf else units)
+        acc = accumulation_dtype(dtype)
     signed = lax.convert_element_type(signed, acc)
     beyond = lax.lt(signed, np.zeros(signed.shape, acc))
     unit = 2.0 ** -rescale_exponent(acc if units is None else units)  # power_sums' rescue
     inverse = lax.select(beyond, np.full(signed.shape, unit, acc), np.ones(signed.shape, acc))
-    return scale_leaf(x, lax.abs(signed), inverse)
+    wide = wide_dtype(dtype)
+    return wide, _as_factor(inverse, wide), _as_factor(lax.abs(signed), wide)
 
 
 def _clip_leaves(fn, rule, state, leaves, ctx):
