@@ -6,6 +6,7 @@ that the stacking never changes what a leaf gets: order, odd shapes, dtypes, ove
 non-finite values, and leaves that stay alone.
 """
 
+import collections
 import math
 
 import jax
@@ -217,6 +218,39 @@ def test_identical_small_leaves_are_reduced_once_not_per_leaf(make):
     assert _reductions_of_a_leaf(make(), leaves, leaves) == 0
     text = jax.jit(make().update).lower(leaves, make().init(leaves), leaves).as_text()
     assert "tensor<50x32xf32>" in text or "tensor<50x8x4xf32>" in text  # the stack
+
+
+def _operations_per_leaf(make, dtypes=(jnp.float32,), few=4, many=16):
+    """The traced update's operations added by each further leaf, by primitive."""
+    counts = []
+    for n in (few, many):
+        leaves = [jnp.ones((8, 4), dtypes[i % len(dtypes)]) for i in range(n)]
+        tx = make()
+        jaxpr = jax.make_jaxpr(tx.update)(leaves, tx.init(leaves), leaves).jaxpr
+        counts.append(collections.Counter(str(e.primitive) for e in jaxpr.eqns))
+    added = counts[1] - counts[0]
+    return {k: v / (many - few) for k, v in added.items()}
+
+
+@pytest.mark.parametrize(
+    ("make", "most"),
+    [
+        # a reshape into the norm's block, then the two multiplies of the rescued scale
+        (lambda: gradclip_jax.clip_by_global_norm(1.0), {"reshape": 1, "mul": 2}),
+        (lambda: gradclip_jax.zclip(), {"reshape": 1, "mul": 2}),
+        # a reshape into the statistic's block, then the clamp's maximum and minimum
+        (lambda: gradclip_jax.clip_by_value(1.0), {"reshape": 1, "max": 1, "min": 1}),
+    ],
+)
+@pytest.mark.parametrize("dtypes", [(jnp.float32,), (jnp.float32, jnp.bfloat16)])
+def test_a_shared_threshold_is_traced_once_not_per_leaf(make, most, dtypes):
+    """Once the NaN-safe bound (and a nested ``jit`` of ``jnp.clip``) per leaf, and the
+    rescued scale's factors per leaf: twice the tracing time of 500 leaves. The work
+    shared by every leaf is traced once per dtype."""
+    per_leaf = _operations_per_leaf(make, dtypes)
+    # bfloat16 leaves add their conversions to float32 and back
+    allowed = dict(most, convert_element_type=2 * (len(dtypes) > 1) / len(dtypes))
+    assert all(v <= allowed.get(k, 0) for k, v in per_leaf.items()), per_leaf
 
 
 def test_a_group_that_is_not_stackable_stays_leaf_by_leaf():
