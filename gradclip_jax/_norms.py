@@ -40,7 +40,9 @@ SMALL_LEAF_SIZE = 4096
 # one and 0.7-0.9 s as runs of 64-256 (2 CPUs), 500 leaves 0.28 s and 0.19-0.22 s.
 CHUNK_LEAVES = 128
 # The most elements per row times sqrt(rows) to split with entries(), which reads its
-# input about 2 sqrt(rows) times. dp_aggregate's run time against one kernel per leaf,
+# input about sqrt(rows) times (2 sqrt(rows) when this was measured, before the last
+# level became slices: the bound is conservative). dp_aggregate's run time against one
+# kernel per leaf,
 # 2 CPUs: 1,000 rows of 128 or 300 of 256 0.8-0.9x, 100 of 512 1.2x (all below this
 # bound); 1,000 of 256 1.6x and 300 of 1,024 6x (above it).
 ENTRY_READS = 6144
@@ -550,13 +552,16 @@ def entries(array: jax.Array) -> list[jax.Array]:
     """``array[i]`` for every ``i`` along the leading axis, as separate arrays, cheap to
     compile.
 
-    XLA on CPU compiles a kernel that slices a vector slowly (about 25 ms per slice),
-    so ``vector[i]`` for each of thousands of leaves dominates compile time. Masked sums
-    over a ``sqrt(n) x sqrt(n)`` grid read the same values exactly (every other term is
-    0) with small kernels: for 300 leaves, 6 s of compilation instead of 13. They read
-    the array about ``2 sqrt(n)`` times (:data:`ENTRY_READS` bounds what a caller
-    splits this way). Beyond ``32^2`` entries the grid gets a level per factor of 32
-    (:data:`PICK_WIDTH`).
+    XLA on CPU compiles every distinct slice of a vector as a kernel of its own (about
+    25 ms each), so ``vector[i]`` for each of thousands of leaves dominates compile time.
+    The array is laid out as a ``sqrt(n) x sqrt(n)`` grid: masked sums pick its rows
+    (exact: every other term is 0; the kernels are identical), and static slices read
+    the entries of each row, so that only ``sqrt(n)`` distinct slices exist. The grid
+    is read about ``sqrt(n)`` times (:data:`ENTRY_READS` bounds what a caller splits
+    this way). Beyond ``32^2`` entries it gets a level per factor of 32
+    (:data:`PICK_WIDTH`). Masked sums at the last level as well (the earlier layout)
+    compiled in 0.85-0.91x the time at 100 leaves, but ran 1.05-1.28x as long on
+    100-2,000 leaves and compiled 1.25-1.3x as long at 2,000.
     """
     n, rest = array.shape[0], array.shape[1:]
     if n == 1:
@@ -581,7 +586,7 @@ def entries(array: jax.Array) -> list[jax.Array]:
     def split(block: jax.Array, count: int) -> list[jax.Array]:
         """The first ``count`` entries of ``block``'s leading grid levels, in order."""
         if block.ndim == len(rest) + 1:
-            return [pick(block, i) for i in range(count)]
+            return [lax.index_in_dim(block, i, 0, keepdims=False) for i in range(count)]
         step = width ** (block.ndim - len(rest) - 1)
         parts = range(-(-count // step))
         return [e for r in parts for e in split(pick(block, r), min(step, count - r * step))]
