@@ -42,9 +42,8 @@ CHUNK_LEAVES = 128
 # The most elements per row times sqrt(rows) to split with entries(), which reads its
 # input about sqrt(rows) times (2 sqrt(rows) when this was measured, before the last
 # level became slices: the bound is conservative). dp_aggregate's run time against one
-# kernel per leaf,
-# 2 CPUs: 1,000 rows of 128 or 300 of 256 0.8-0.9x, 100 of 512 1.2x (all below this
-# bound); 1,000 of 256 1.6x and 300 of 1,024 6x (above it).
+# kernel per leaf, 2 CPUs: 1,000 rows of 128 or 300 of 256 0.8-0.9x, 100 of 512 1.2x
+# (all below this bound); 1,000 of 256 1.6x and 300 of 1,024 6x (above it).
 ENTRY_READS = 6144
 # The longest axis entries() sums over: XLA on CPU rewrites longer reductions as a
 # reduce-window tree, three kernels per entry instead of one (2,000 entries: 8.2 s of
