@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -49,7 +50,23 @@ ENTRIES: dict[str, Callable[[], optax.GradientTransformation]] = {
     f"chain({CLIP}, adam)": lambda: optax.chain(clip(), adam()),
     "chain(optax.clip_by_global_norm, adam)": lambda: optax.chain(optax_clip(), adam()),
     "floor": lambda: optax.scale(0.5),  # one multiply per leaf: tree.map(lambda g: 0.5 * g)
+    # Parts of our work, each alone (they return what they compute, not updates).
+    "L-inf norm alone": lambda: optax.stateless(lambda g, p: gj.global_norm(g, ord=math.inf)),
+    "stacking alone": lambda: optax.stateless(_stacks),
+    "per-unit multiply alone": lambda: optax.stateless(_unit_multiply),
 }
+
+
+def _stacks(grads, params):
+    """What agc's stacking writes: the small leaves of the updates and of the parameters
+    each concatenated, behind a barrier (as gradclip_jax does)."""
+    flat = lambda tree: jax.numpy.concatenate([x.ravel() for x in jax.tree.leaves(tree)])
+    return jax.lax.optimization_barrier((flat(grads), flat(params)))
+
+
+def _unit_multiply(grads, params):
+    """Each leaf times a vector of its last axis: the least a unit-wise clipper writes."""
+    return jax.tree.map(lambda g, p: g * p[0], grads, params)
 
 
 @dataclass(frozen=True)
@@ -101,6 +118,8 @@ GLOBAL = [(r, CLIP) for r in ("adaptive_clip", "zclip", "autoclip", "quantile_cl
 GUARDS = [(f"{g}({i})", i) for i in ("adam", CLIP) for g in ("on_nonfinite", "skip_on_spike")]
 CHAINS = [(f"chain({CLIP}, adam)", "adam")]
 OPTAX_CHAIN = [("chain(optax.clip_by_global_norm, adam)", "adam")]
+BOUNDS = [("L-inf norm alone", "optax.clip")]
+BOUNDS += [(a, "optax.adaptive_grad_clip") for a in ("stacking alone", "per-unit multiply alone")]
 
 
 def _optax_run(tree: Tree) -> float | None:
@@ -132,6 +151,10 @@ FIGURES: dict[str, tuple[str, list[Pair]]] = {
     "floor": (
         "clip_by_global_norm / a jitted per-leaf multiply of the same tree",
         _pairs([(CLIP, "floor")], "compile", lambda t: 2.0) + _pairs([(CLIP, "floor")], "run"),
+    ),
+    "bounds": (
+        "Parts of our work alone / the optax counterpart (lower bounds on ours / optax)",
+        _pairs(BOUNDS, "run"),
     ),
     "torch": (
         "Our clip_by_global_norm / torch.nn.utils.clip_grad_norm_(foreach=True)",

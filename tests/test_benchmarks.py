@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-FIGURES = ["optax", "rules", "guards", "chain_adam", "floor", "torch"]
+FIGURES = ["optax", "rules", "guards", "chain_adam", "floor", "bounds", "torch"]
 
 
 @pytest.fixture
