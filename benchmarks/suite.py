@@ -58,9 +58,10 @@ ENTRIES: dict[str, Callable[[], optax.GradientTransformation]] = {
 
 
 def _stacks(grads, params):
-    """What agc's stacking writes: the small leaves of the updates and of the parameters
-    each concatenated, behind a barrier (as gradclip_jax does)."""
-    flat = lambda tree: jax.numpy.concatenate([x.ravel() for x in jax.tree.leaves(tree)])
+    """What agc's stacking writes: its small leaves (at most 4,096 entries) of the updates
+    and of the parameters, each set concatenated behind a barrier, as gradclip_jax does."""
+    small = lambda tree: [x.ravel() for x in jax.tree.leaves(tree) if x.size <= 4096]
+    flat = lambda tree: jax.numpy.concatenate(small(tree)) if small(tree) else ()
     return jax.lax.optimization_barrier((flat(grads), flat(params)))
 
 
