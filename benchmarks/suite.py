@@ -14,6 +14,7 @@ import optax
 
 import gradclip_jax as gj
 from benchmarks import measure
+from gradclip_jax._norms import SMALL_LEAF_SIZE
 
 # Low enough that standard-normal gradients are clipped at every size.
 MAX_NORM, MAX_ABS, BLOCK_RMS, AGC_CLIPPING = 1.0, 0.5, 0.5, 0.01
@@ -58,10 +59,13 @@ ENTRIES: dict[str, Callable[[], optax.GradientTransformation]] = {
 
 
 def _stacks(grads, params):
-    """What agc's stacking writes: its small leaves (at most 4,096 entries) of the updates
-    and of the parameters, each set concatenated behind a barrier, as gradclip_jax does."""
-    small = lambda tree: [x.ravel() for x in jax.tree.leaves(tree) if x.size <= 4096]
-    flat = lambda tree: jax.numpy.concatenate(small(tree)) if small(tree) else ()
+    """What agc's stacking writes: its small leaves of the updates and of the parameters
+    (those gradclip_jax stacks), each set concatenated behind a barrier, as it does."""
+
+    def flat(tree):
+        small = [x.ravel() for x in jax.tree.leaves(tree) if x.size <= SMALL_LEAF_SIZE]
+        return jax.numpy.concatenate(small) if small else ()
+
     return jax.lax.optimization_barrier((flat(grads), flat(params)))
 
 
@@ -113,8 +117,10 @@ def _pairs(pairs: list[tuple[str, str]], metric: str, target: Target = lambda t:
     return [Pair(ours, ref, metric, target, **kw) for ours, ref in pairs]
 
 
-TWINS = [(CLIP, "optax.clip_by_global_norm"), ("agc", "optax.adaptive_grad_clip")]
-TWINS += [("clip_by_block_rms", "optax.clip_by_block_rms"), ("clip_by_value", "optax.clip")]
+SCALING = [(CLIP, "optax.clip_by_global_norm"), ("agc", "optax.adaptive_grad_clip")]
+SCALING += [("clip_by_block_rms", "optax.clip_by_block_rms")]
+VALUE = [("clip_by_value", "optax.clip")]  # run target of its own: _value_run
+TWINS = SCALING + VALUE
 PER_LEAF = [(r, CLIP) for r in ("clip_by_leaf_norm", "adaptive_clip(leaf)", "adagc")]
 GLOBAL = [(r, CLIP) for r in ("adaptive_clip", "zclip", "autoclip", "quantile_clip")]
 GUARDS = [(f"{g}({i})", i) for i in ("adam", CLIP) for g in ("on_nonfinite", "skip_on_spike")]
@@ -140,8 +146,8 @@ def _value_run(tree: Tree) -> float | None:
 FIGURES: dict[str, tuple[str, list[Pair]]] = {
     "optax": (
         "Ours / optax: run time, compile time and peak memory of one jitted update",
-        _pairs(TWINS[:3], "run", _optax_run)
-        + _pairs(TWINS[3:], "run", _value_run)
+        _pairs(SCALING, "run", _optax_run)
+        + _pairs(VALUE, "run", _value_run)
         + _pairs(TWINS, "compile", lambda t: 1.0 if t.many_small else None)
         + _pairs(TWINS, "memory"),
     ),
