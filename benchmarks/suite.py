@@ -14,7 +14,7 @@ import optax
 
 import gradclip_jax as gj
 from benchmarks import measure
-from gradclip_jax._norms import SMALL_LEAF_SIZE
+from gradclip_jax._norms import shape_groups
 
 # Low enough that standard-normal gradients are clipped at every size.
 MAX_NORM, MAX_ABS, BLOCK_RMS, AGC_CLIPPING = 1.0, 0.5, 0.5, 0.01
@@ -59,14 +59,10 @@ ENTRIES: dict[str, Callable[[], optax.GradientTransformation]] = {
 
 
 def _stacks(grads, params):
-    """What agc's stacking writes: its small leaves of the updates and of the parameters
-    (those gradclip_jax stacks), each set concatenated behind a barrier, as it does."""
-
-    def flat(tree):
-        small = [x.ravel() for x in jax.tree.leaves(tree) if x.size <= SMALL_LEAF_SIZE]
-        return jax.numpy.concatenate(small) if small else ()
-
-    return jax.lax.optimization_barrier((flat(grads), flat(params)))
+    """What agc's stacking writes: gradclip_jax's own stacks of the small updates and
+    parameters (``shape_groups``, as agc calls it), and nothing else."""
+    groups = shape_groups(jax.tree.leaves(grads), jax.tree.leaves(params))
+    return [arrays for _, arrays, stacked in groups if stacked]
 
 
 def _unit_multiply(grads, params):
